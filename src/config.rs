@@ -1,0 +1,491 @@
+//! Configuration: the JSON file (`azure_instances.json`), then environment variables, then command-line flags,
+//! each overriding the one before, validated once into a [`Config`] that the rest of the proxy shares read-only.
+//!
+//! The file format is the original proxy's (`instances`, `header_name`, `client_header_name`, `client_keys`) plus
+//! optional fields for every limit. Unknown fields are an error: a typo such as `client_key` must not silently turn
+//! the allowlist off. Every default is a named constant below, next to the field it fills.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+pub const DEFAULT_CONFIG_PATH: &str = "azure_instances.json";
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:8000";
+pub const DEFAULT_HEADER_NAME: &str = "api-key";
+pub const DEFAULT_WORKERS: usize = 64;
+pub const DEFAULT_QUEUE_SIZE: usize = 256;
+pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
+pub const DEFAULT_MAX_HEAD_BYTES: usize = 32 * 1024;
+pub const DEFAULT_MAX_HEADERS: usize = 100;
+pub const DEFAULT_MAX_BODY_BYTES: u64 = 32 * 1024 * 1024;
+pub const DEFAULT_HEAD_TIMEOUT_MS: u64 = 10_000;
+pub const DEFAULT_IDLE_TIMEOUT_MS: u64 = 60_000;
+pub const DEFAULT_BODY_READ_TIMEOUT_MS: u64 = 30_000;
+pub const DEFAULT_CLIENT_WRITE_TIMEOUT_MS: u64 = 30_000;
+pub const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 10_000;
+/// A non-streamed completion sends its head only when the whole answer is generated: minutes, not seconds.
+pub const DEFAULT_UPSTREAM_RESPONSE_TIMEOUT_MS: u64 = 300_000;
+/// The longest silence allowed between two reads from an upstream (an SSE stream's gap between events). ureq
+/// applies it to the wait for the response head too, so it must not be shorter than the response timeout.
+pub const DEFAULT_UPSTREAM_READ_TIMEOUT_MS: u64 = 300_000;
+pub const DEFAULT_ERROR_BODY_MAX_BYTES: usize = 2048;
+pub const DEFAULT_MAX_BAD_KEYS: u32 = 5;
+pub const DEFAULT_BLOCK_SECONDS: u64 = 300;
+pub const DEFAULT_MAX_TRACKED_CLIENTS: usize = 100_000;
+
+/// A secret string (an instance key or a client key). Its `Debug` never shows the value, so a stray `{:?}` of a
+/// config in a log line or a panic cannot leak it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Secret {
+        Secret(value.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+/// One upstream Azure OpenAI resource.
+#[derive(Clone, Debug)]
+pub struct Instance {
+    /// Used in logs and in the fallback error body; defaults to the endpoint's host.
+    pub name: String,
+    /// `scheme://host[:port]` with no trailing slash; the client's path is appended unchanged.
+    pub endpoint: String,
+    pub api_key: Secret,
+}
+
+/// The validated configuration. Invariants: `instances` is non-empty, names are unique, header names are valid
+/// lowercase tokens, every count and timeout is non-zero where zero would make no sense.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub instances: Vec<Instance>,
+    /// Header that carries the instance key to Azure (lowercase).
+    pub header_name: String,
+    /// Header that carries the client's key to the proxy (lowercase).
+    pub client_header_name: String,
+    /// Allowlist of client keys; empty means any non-empty key is accepted (the original's behaviour).
+    pub client_keys: Vec<Secret>,
+    pub listen: SocketAddr,
+    pub workers: usize,
+    /// Requests waiting for a worker; beyond it the proxy answers 503 at once.
+    pub queue_size: usize,
+    /// Open client connections (idle, reading, or being served); beyond it new ones get 503 and are closed.
+    pub max_connections: usize,
+    pub max_head_bytes: usize,
+    pub max_headers: usize,
+    pub max_body_bytes: u64,
+    /// Time allowed from a connection's first byte (or its accept) to a complete request head.
+    pub head_timeout: Duration,
+    /// How long an idle keep-alive connection is kept.
+    pub idle_timeout: Duration,
+    /// Longest wait for one read of a request body.
+    pub body_read_timeout: Duration,
+    /// Longest wait for one write to a client (a client that stops reading frees its worker after this).
+    pub client_write_timeout: Duration,
+    pub connect_timeout: Duration,
+    pub upstream_response_timeout: Duration,
+    pub upstream_read_timeout: Duration,
+    pub error_body_max_bytes: usize,
+    /// Consecutive bad keys from one IP before it is blocked; 0 disables blocking.
+    pub max_bad_keys: u32,
+    pub block_duration: Duration,
+    pub max_tracked_clients: usize,
+}
+
+/// The JSON file as written by users. Optional fields fall back to the defaults above.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    instances: Vec<FileInstance>,
+    header_name: Option<String>,
+    client_header_name: Option<String>,
+    client_keys: Option<Vec<String>>,
+    listen: Option<String>,
+    workers: Option<usize>,
+    queue_size: Option<usize>,
+    max_connections: Option<usize>,
+    max_head_bytes: Option<usize>,
+    max_headers: Option<usize>,
+    max_body_bytes: Option<u64>,
+    head_timeout_ms: Option<u64>,
+    idle_timeout_ms: Option<u64>,
+    body_read_timeout_ms: Option<u64>,
+    client_write_timeout_ms: Option<u64>,
+    connect_timeout_ms: Option<u64>,
+    upstream_response_timeout_ms: Option<u64>,
+    upstream_read_timeout_ms: Option<u64>,
+    error_body_max_bytes: Option<usize>,
+    max_bad_keys: Option<u32>,
+    block_seconds: Option<u64>,
+    max_tracked_clients: Option<usize>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileInstance {
+    endpoint: String,
+    api_key: Option<String>,
+    api_key_env: Option<String>,
+    name: Option<String>,
+}
+
+/// Settings from the command line; `None` means "not given".
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub config_path: Option<PathBuf>,
+    pub listen: Option<String>,
+    pub workers: Option<usize>,
+}
+
+/// A configuration problem, phrased so that the user can fix it: which file, which field, what to do.
+#[derive(Debug)]
+pub struct ConfigError {
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Where each setting can come from, so that the loader can be tested without touching the real environment.
+pub trait Env {
+    fn var(&self, name: &str) -> Option<String>;
+}
+
+pub struct ProcessEnv;
+
+impl Env for ProcessEnv {
+    fn var(&self, name: &str) -> Option<String> {
+        std::env::var(name).ok()
+    }
+}
+
+impl Config {
+    /// Loads the file named by `--config`, else `AZURE_PROXY_CONFIG`, else `azure_instances.json`, then applies the
+    /// environment and the flags.
+    pub fn load(overrides: &Overrides, env: &dyn Env) -> Result<Config, ConfigError> {
+        let path = overrides
+            .config_path
+            .clone()
+            .or_else(|| env.var("AZURE_PROXY_CONFIG").map(PathBuf::from))
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG_PATH));
+        let text = std::fs::read_to_string(&path).map_err(|e| ConfigError {
+            message: format!(
+                "cannot read config file {}: {e} (set AZURE_PROXY_CONFIG or --config to the JSON file; \
+                 see azure_instances.example.json)",
+                path.display()
+            ),
+        })?;
+        Config::from_json(&text, &path, overrides, env)
+    }
+
+    /// Parses and validates `text` as if it were the file at `path` (used in messages only).
+    pub fn from_json(text: &str, path: &Path, overrides: &Overrides, env: &dyn Env) -> Result<Config, ConfigError> {
+        let file = path.display();
+        let raw: FileConfig =
+            serde_json::from_str(text).map_err(|e| ConfigError { message: format!("config file {file}: {e}") })?;
+        let err = |field: &str, msg: String| ConfigError { message: format!("config file {file}: {field}: {msg}") };
+
+        if raw.instances.is_empty() {
+            return Err(err(
+                "instances",
+                "the list is empty; add at least one {\"endpoint\": ..., \"api_key\": ...}".into(),
+            ));
+        }
+        let mut instances = Vec::with_capacity(raw.instances.len());
+        let mut names = HashSet::new();
+        for (i, inst) in raw.instances.into_iter().enumerate() {
+            let at = |f: &str| format!("instances[{i}].{f}");
+            let (endpoint, host) = normalize_endpoint(&inst.endpoint).map_err(|m| err(&at("endpoint"), m))?;
+            let api_key = match (inst.api_key, inst.api_key_env) {
+                (Some(k), None) => k,
+                (None, Some(var)) => env.var(&var).ok_or_else(|| {
+                    err(&at("api_key_env"), format!("environment variable {var} is not set; export it or use api_key"))
+                })?,
+                (Some(_), Some(_)) => return Err(err(&at("api_key"), "give api_key or api_key_env, not both".into())),
+                (None, None) => {
+                    return Err(err(
+                        &at("api_key"),
+                        "missing; give the instance key as api_key or name a variable in api_key_env".into(),
+                    ))
+                }
+            };
+            if api_key.trim().is_empty() || !is_header_value(&api_key) {
+                return Err(err(&at("api_key"), "empty or contains characters not allowed in an HTTP header".into()));
+            }
+            let name = inst.name.unwrap_or(host);
+            if name.is_empty() || !names.insert(name.clone()) {
+                return Err(err(
+                    &at("name"),
+                    format!("{name:?} is empty or used by another instance; give each instance a unique name"),
+                ));
+            }
+            instances.push(Instance { name, endpoint, api_key: Secret::new(api_key) });
+        }
+
+        let header_name = header_field(raw.header_name, "header_name").map_err(|m| err("header_name", m))?;
+        let client_header_name =
+            header_field(raw.client_header_name, "client_header_name").map_err(|m| err("client_header_name", m))?;
+        let mut client_keys = Vec::new();
+        for (i, k) in raw.client_keys.unwrap_or_default().into_iter().enumerate() {
+            if k.is_empty() {
+                return Err(err(&format!("client_keys[{i}]"), "empty key; remove it".into()));
+            }
+            client_keys.push(Secret::new(k));
+        }
+
+        let env_num = |name: &str| -> Result<Option<u64>, ConfigError> {
+            match env.var(name) {
+                None => Ok(None),
+                Some(v) => v.trim().parse::<u64>().map(Some).map_err(|_| ConfigError {
+                    message: format!("environment variable {name}={v:?} is not a whole number"),
+                }),
+            }
+        };
+
+        let listen_text = overrides
+            .listen
+            .clone()
+            .or_else(|| env.var("AZURE_PROXY_LISTEN"))
+            .or(raw.listen)
+            .unwrap_or_else(|| DEFAULT_LISTEN.to_string());
+        let listen: SocketAddr = listen_text.parse().map_err(|_| ConfigError {
+            message: format!("listen address {listen_text:?} is not IP:PORT (e.g. 0.0.0.0:8000 or [::1]:8000)"),
+        })?;
+        let workers = match overrides.workers {
+            Some(w) => w,
+            None => match env_num("AZURE_PROXY_WORKERS")? {
+                Some(w) => w as usize,
+                None => raw.workers.unwrap_or(DEFAULT_WORKERS),
+            },
+        };
+
+        let ms = |v: Option<u64>, default: u64, field: &str| -> Result<Duration, ConfigError> {
+            match v.unwrap_or(default) {
+                0 => Err(err(field, "must be greater than 0".into())),
+                n => Ok(Duration::from_millis(n)),
+            }
+        };
+        let positive = |v: usize, field: &str| -> Result<usize, ConfigError> {
+            if v == 0 {
+                Err(err(field, "must be greater than 0".into()))
+            } else {
+                Ok(v)
+            }
+        };
+
+        let config = Config {
+            instances,
+            header_name,
+            client_header_name,
+            client_keys,
+            listen,
+            workers: positive(workers, "workers")?,
+            queue_size: positive(raw.queue_size.unwrap_or(DEFAULT_QUEUE_SIZE), "queue_size")?,
+            max_connections: positive(raw.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS), "max_connections")?,
+            max_head_bytes: positive(raw.max_head_bytes.unwrap_or(DEFAULT_MAX_HEAD_BYTES), "max_head_bytes")?,
+            max_headers: positive(raw.max_headers.unwrap_or(DEFAULT_MAX_HEADERS), "max_headers")?,
+            max_body_bytes: raw.max_body_bytes.unwrap_or(DEFAULT_MAX_BODY_BYTES),
+            head_timeout: ms(raw.head_timeout_ms, DEFAULT_HEAD_TIMEOUT_MS, "head_timeout_ms")?,
+            idle_timeout: ms(raw.idle_timeout_ms, DEFAULT_IDLE_TIMEOUT_MS, "idle_timeout_ms")?,
+            body_read_timeout: ms(raw.body_read_timeout_ms, DEFAULT_BODY_READ_TIMEOUT_MS, "body_read_timeout_ms")?,
+            client_write_timeout: ms(
+                raw.client_write_timeout_ms,
+                DEFAULT_CLIENT_WRITE_TIMEOUT_MS,
+                "client_write_timeout_ms",
+            )?,
+            connect_timeout: ms(raw.connect_timeout_ms, DEFAULT_CONNECT_TIMEOUT_MS, "connect_timeout_ms")?,
+            upstream_response_timeout: ms(
+                raw.upstream_response_timeout_ms,
+                DEFAULT_UPSTREAM_RESPONSE_TIMEOUT_MS,
+                "upstream_response_timeout_ms",
+            )?,
+            upstream_read_timeout: ms(
+                raw.upstream_read_timeout_ms,
+                DEFAULT_UPSTREAM_READ_TIMEOUT_MS,
+                "upstream_read_timeout_ms",
+            )?,
+            error_body_max_bytes: match env_num("ERROR_BODY_MAX_BYTES")? {
+                Some(n) => n as usize,
+                None => raw.error_body_max_bytes.unwrap_or(DEFAULT_ERROR_BODY_MAX_BYTES),
+            },
+            max_bad_keys: match env_num("MAX_BAD_KEYS")? {
+                Some(n) => u32::try_from(n).unwrap_or(u32::MAX),
+                None => raw.max_bad_keys.unwrap_or(DEFAULT_MAX_BAD_KEYS),
+            },
+            block_duration: Duration::from_secs(match env_num("BLOCK_SECONDS")? {
+                Some(n) => n,
+                None => raw.block_seconds.unwrap_or(DEFAULT_BLOCK_SECONDS),
+            }),
+            max_tracked_clients: positive(
+                raw.max_tracked_clients.unwrap_or(DEFAULT_MAX_TRACKED_CLIENTS),
+                "max_tracked_clients",
+            )?,
+        };
+        Ok(config)
+    }
+
+    /// Every secret the proxy holds, for scrubbing text that came from outside before it is logged.
+    pub fn secrets(&self) -> Vec<String> {
+        let upstream = self.instances.iter().map(|i| i.api_key.expose().to_string());
+        let clients = self.client_keys.iter().map(|k| k.expose().to_string());
+        upstream.chain(clients).collect()
+    }
+}
+
+/// `https://host[:port][/]` → (`https://host[:port]`, `host`). A path, query or user-info would be silently
+/// combined with the client's path, so they are refused rather than guessed at.
+fn normalize_endpoint(raw: &str) -> Result<(String, String), String> {
+    let trimmed = raw.trim().trim_end_matches('/');
+    let rest = trimmed
+        .strip_prefix("https://")
+        .or_else(|| trimmed.strip_prefix("http://"))
+        .ok_or_else(|| format!("{raw:?} must start with https:// (or http:// for local testing)"))?;
+    let fix = "write only the resource URL, e.g. https://eastus-xyz.openai.azure.com";
+    if rest.is_empty() || rest.contains(['/', '?', '#', '@', ' ']) {
+        return Err(format!("{raw:?} is not a bare scheme://host[:port]; {fix}"));
+    }
+    let host = match rest.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or_default().to_string(),
+        None => rest.split(':').next().unwrap_or_default().to_string(),
+    };
+    if host.is_empty() {
+        return Err(format!("{raw:?} has no host; {fix}"));
+    }
+    trimmed.parse::<ureq::http::Uri>().map_err(|e| format!("{raw:?} is not a valid URL ({e}); {fix}"))?;
+    Ok((trimmed.to_string(), host))
+}
+
+fn header_field(value: Option<String>, field: &str) -> Result<String, String> {
+    let name = value.unwrap_or_else(|| DEFAULT_HEADER_NAME.to_string()).to_ascii_lowercase();
+    if name.is_empty() || !name.bytes().all(is_token_byte) {
+        return Err(format!("{name:?} is not a valid HTTP header name (set {field} to e.g. \"api-key\")"));
+    }
+    Ok(name)
+}
+
+/// RFC 9110 `tchar`.
+pub fn is_token_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+fn is_header_value(v: &str) -> bool {
+    v.bytes().all(|b| b == b'\t' || (0x20..0x7f).contains(&b))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    struct MapEnv(HashMap<&'static str, &'static str>);
+    impl Env for MapEnv {
+        fn var(&self, name: &str) -> Option<String> {
+            self.0.get(name).map(|v| v.to_string())
+        }
+    }
+
+    fn parse(text: &str, env: &[(&'static str, &'static str)]) -> Result<Config, ConfigError> {
+        let env = MapEnv(env.iter().cloned().collect());
+        Config::from_json(text, Path::new("test.json"), &Overrides::default(), &env)
+    }
+
+    const ORIGINAL: &str = r#"{ "instances": [ { "endpoint": "https://eastus-xyz.openai.azure.com/", "api_key": "XXXX" },
+        { "endpoint": "https://westus-xyz.openai.azure.com", "api_key": "YYYY" } ],
+        "header_name": "api-key", "client_header_name": "api-key", "client_keys": ["my-key-1", "my-key-2"] }"#;
+
+    #[test]
+    fn original_format_loads_with_defaults() {
+        let c = parse(ORIGINAL, &[]).expect("valid");
+        assert_eq!(c.instances.len(), 2);
+        assert_eq!(c.instances[0].endpoint, "https://eastus-xyz.openai.azure.com");
+        assert_eq!(c.instances[0].name, "eastus-xyz.openai.azure.com");
+        assert_eq!(c.client_keys.len(), 2);
+        assert_eq!(c.listen, "0.0.0.0:8000".parse().expect("addr"));
+        assert_eq!(c.max_bad_keys, 5);
+        assert_eq!(c.block_duration, Duration::from_secs(300));
+        assert_eq!(c.error_body_max_bytes, 2048);
+        assert_eq!(c.max_body_bytes, 32 * 1024 * 1024);
+    }
+
+    #[test]
+    fn environment_overrides_file() {
+        let c = parse(ORIGINAL, &[("MAX_BAD_KEYS", "2"), ("BLOCK_SECONDS", "7"), ("ERROR_BODY_MAX_BYTES", "10")])
+            .expect("valid");
+        assert_eq!((c.max_bad_keys, c.block_duration.as_secs(), c.error_body_max_bytes), (2, 7, 10));
+        let e = parse(ORIGINAL, &[("MAX_BAD_KEYS", "lots")]).expect_err("not a number");
+        assert!(e.message.contains("MAX_BAD_KEYS"), "{}", e.message);
+    }
+
+    #[test]
+    fn flags_override_environment() {
+        let env = MapEnv([("AZURE_PROXY_LISTEN", "127.0.0.1:1"), ("AZURE_PROXY_WORKERS", "3")].into());
+        let o = Overrides { listen: Some("127.0.0.1:2".into()), ..Default::default() };
+        let c = Config::from_json(ORIGINAL, Path::new("t.json"), &o, &env).expect("valid");
+        assert_eq!(c.listen.port(), 2);
+        assert_eq!(c.workers, 3);
+    }
+
+    #[test]
+    fn typo_in_field_name_is_an_error_that_names_it() {
+        let e =
+            parse(r#"{"instances": [{"endpoint": "https://a.example", "api_key": "k"}], "client_key": ["x"]}"#, &[])
+                .expect_err("unknown field");
+        assert!(e.message.contains("test.json") && e.message.contains("client_key"), "{}", e.message);
+    }
+
+    #[test]
+    fn api_key_env_reads_the_environment() {
+        let text = r#"{"instances": [{"endpoint": "https://a.example", "api_key_env": "EAST_KEY"}]}"#;
+        let c = parse(text, &[("EAST_KEY", "sekrit")]).expect("valid");
+        assert_eq!(c.instances[0].api_key.expose(), "sekrit");
+        let e = parse(text, &[]).expect_err("unset variable");
+        assert!(e.message.contains("instances[0].api_key_env") && e.message.contains("EAST_KEY"), "{}", e.message);
+    }
+
+    #[test]
+    fn bad_endpoints_are_refused_with_the_field() {
+        for bad in ["eastus.openai.azure.com", "https://a.example/openai", "ftp://a.example", "https://", "https://u@h"]
+        {
+            let text = format!(r#"{{"instances": [{{"endpoint": "{bad}", "api_key": "k"}}]}}"#);
+            let e = parse(&text, &[]).expect_err(bad);
+            assert!(e.message.contains("instances[0].endpoint"), "{bad}: {}", e.message);
+        }
+    }
+
+    #[test]
+    fn missing_key_empty_list_and_duplicate_names_are_refused() {
+        assert!(parse(r#"{"instances": []}"#, &[]).is_err());
+        assert!(parse(r#"{"instances": [{"endpoint": "https://a.example"}]}"#, &[]).is_err());
+        let dup = r#"{"instances": [{"endpoint": "https://a.example", "api_key": "k"},
+                                     {"endpoint": "https://a.example", "api_key": "j"}]}"#;
+        assert!(parse(dup, &[]).expect_err("dup").message.contains("instances[1].name"));
+        assert!(
+            parse(r#"{"instances": [{"endpoint": "https://a.example", "api_key": "k"}], "workers": 0}"#, &[]).is_err()
+        );
+    }
+
+    #[test]
+    fn secrets_do_not_show_in_debug() {
+        let c = parse(ORIGINAL, &[]).expect("valid");
+        let dbg = format!("{c:?}");
+        assert!(!dbg.contains("XXXX") && !dbg.contains("my-key-1"), "{dbg}");
+    }
+}

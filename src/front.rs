@@ -1,0 +1,296 @@
+//! The front thread: owns every connection that is not being served (new ones, ones whose request head is still
+//! arriving, idle keep-alive ones), waits on all of them at once with `poll(2)`, and hands each complete request
+//! head to the workers over the bounded channel. A slow or idle client therefore costs one fd and a small buffer,
+//! never a worker. When the channel is full the client gets `503` + `Retry-After: 1` at once.
+//!
+//! This is a readiness loop, not an async runtime: it never runs request logic, only reads heads and writes the
+//! few canned answers (400, 408, 414, 431, 503, 505) that need no worker.
+
+use std::io::{self, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender, TrySendError};
+
+use crate::http::parse::{parse_head, HeadError};
+use crate::http::write::{error_json, write_json, Persist};
+use crate::http::{Conn, Head};
+use crate::request_id;
+use crate::state::State;
+
+/// How long to stop accepting after `accept` fails for lack of file descriptors, so that the loop does not spin.
+const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
+/// Longest poll sleep, so that deadlines are checked even when nothing happens.
+const MAX_POLL_WAIT: Duration = Duration::from_secs(1);
+
+/// A request ready for a worker: the connection (its buffer holds what followed the head) and the parsed head.
+pub struct Job {
+    pub conn: Conn,
+    pub head: Head,
+}
+
+/// Hands served keep-alive connections back to the front thread and wakes its `poll`.
+#[derive(Clone)]
+pub struct Returner {
+    tx: Sender<Conn>,
+    wake: Arc<UnixStream>,
+}
+
+impl Returner {
+    pub fn give_back(&self, conn: Conn) {
+        if self.tx.send(conn).is_ok() {
+            // One byte is enough to wake poll; if the pipe is full a wake-up is already pending.
+            let _ = (&*self.wake).write(&[1]);
+        }
+    }
+}
+
+/// A connection waiting in the front thread.
+struct Waiting {
+    conn: Conn,
+    /// When it is closed if no complete head has arrived.
+    deadline: Instant,
+}
+
+pub struct Front {
+    state: Arc<State>,
+    listener: TcpListener,
+    jobs: Sender<Job>,
+    returned: Receiver<Conn>,
+    wake_rx: UnixStream,
+    open: Arc<AtomicUsize>,
+    waiting: Vec<Waiting>,
+    accept_paused_until: Option<Instant>,
+    last_fd_warning: Option<Instant>,
+}
+
+impl Front {
+    /// Returns the front loop and the handle workers use to give connections back.
+    pub fn new(state: Arc<State>, listener: TcpListener, jobs: Sender<Job>) -> io::Result<(Front, Returner)> {
+        listener.set_nonblocking(true)?;
+        let (wake_tx, wake_rx) = UnixStream::pair()?;
+        wake_tx.set_nonblocking(true)?;
+        wake_rx.set_nonblocking(true)?;
+        let (tx, returned) = crossbeam_channel::unbounded();
+        let front = Front {
+            state,
+            listener,
+            jobs,
+            returned,
+            wake_rx,
+            open: Arc::new(AtomicUsize::new(0)),
+            waiting: Vec::new(),
+            accept_paused_until: None,
+            last_fd_warning: None,
+        };
+        Ok((front, Returner { tx, wake: Arc::new(wake_tx) }))
+    }
+
+    /// Open client connections right now (waiting here, queued, or being served).
+    pub fn open_connections(&self) -> Arc<AtomicUsize> {
+        Arc::clone(&self.open)
+    }
+
+    pub fn run(mut self) {
+        let mut fds: Vec<libc::pollfd> = Vec::new();
+        loop {
+            let now = Instant::now();
+            let accepting = self.accept_paused_until.is_none_or(|t| t <= now);
+            fds.clear();
+            fds.push(pollfd(self.wake_rx.as_raw_fd()));
+            fds.push(pollfd(if accepting { self.listener.as_raw_fd() } else { -1 }));
+            fds.extend(self.waiting.iter().map(|w| pollfd(w.conn.stream.as_raw_fd())));
+            let next_deadline = self.waiting.iter().map(|w| w.deadline).min();
+            let wait = next_deadline
+                .map(|d| d.saturating_duration_since(now))
+                .unwrap_or(MAX_POLL_WAIT)
+                .min(MAX_POLL_WAIT)
+                .min(self.accept_paused_until.map(|t| t.saturating_duration_since(now)).unwrap_or(MAX_POLL_WAIT));
+            // Round up so that a deadline 0.4 ms away does not become a busy loop of zero-timeout polls.
+            let wait_ms = wait.as_millis() as i32 + 1;
+            // SAFETY: `fds` is a live, initialised slice of pollfd for the whole call, and its length is passed.
+            let ready = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, wait_ms) };
+            if ready < 0 {
+                let err = io::Error::last_os_error();
+                if err.kind() != io::ErrorKind::Interrupted {
+                    log::error!("poll failed: {err}");
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                continue;
+            }
+            // Waiting connections first, from the back, so that swap_remove keeps the earlier indexes valid.
+            for i in (0..self.waiting.len()).rev() {
+                if fds[i + 2].revents != 0 {
+                    self.on_readable(i);
+                }
+            }
+            self.expire(Instant::now());
+            if fds[0].revents != 0 {
+                self.take_returned();
+            }
+            if fds[1].revents != 0 {
+                self.accept_all();
+            }
+        }
+    }
+
+    fn on_readable(&mut self, i: usize) {
+        let w = &mut self.waiting[i];
+        let was_empty = w.conn.buf.is_empty();
+        match w.conn.read_more() {
+            Ok(0) => {
+                self.waiting.swap_remove(i);
+            }
+            Ok(_) => {
+                if was_empty {
+                    // The head deadline runs from its first byte; before that, the idle timeout applied.
+                    w.conn.since = Instant::now();
+                    w.deadline = w.conn.since + self.state.config.head_timeout;
+                }
+                self.try_dispatch(i);
+            }
+            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) => {}
+            Err(_) => {
+                self.waiting.swap_remove(i);
+            }
+        }
+    }
+
+    /// If connection `i` holds a complete head, hand it to a worker (or refuse it); otherwise leave it waiting.
+    fn try_dispatch(&mut self, i: usize) {
+        let cfg = &self.state.config;
+        let parsed = parse_head(&self.waiting[i].conn.buf, cfg.max_head_bytes, cfg.max_headers);
+        match parsed {
+            Ok(None) => {}
+            Ok(Some(head)) => {
+                let Waiting { mut conn, .. } = self.waiting.swap_remove(i);
+                conn.consume(head.len);
+                self.dispatch(conn, head);
+            }
+            Err(e) => {
+                let Waiting { conn, .. } = self.waiting.swap_remove(i);
+                refuse(conn, e);
+            }
+        }
+    }
+
+    fn dispatch(&mut self, conn: Conn, head: Head) {
+        if let Err(e) = conn.stream.set_nonblocking(false) {
+            log::warn!("cannot switch a client socket to blocking mode: {e}");
+            return;
+        }
+        match self.jobs.try_send(Job { conn, head }) {
+            Ok(()) => {}
+            Err(TrySendError::Full(job)) => {
+                log::warn!("all {} workers busy and queue full; answering 503", self.state.config.workers);
+                canned(
+                    job.conn,
+                    503,
+                    "server_busy",
+                    "the proxy is at capacity; retry shortly",
+                    &[("Retry-After", "1")],
+                );
+            }
+            Err(TrySendError::Disconnected(_)) => {}
+        }
+    }
+
+    fn expire(&mut self, now: Instant) {
+        let mut i = 0;
+        while i < self.waiting.len() {
+            if self.waiting[i].deadline <= now {
+                let w = self.waiting.swap_remove(i);
+                if !w.conn.buf.is_empty() {
+                    log::info!("client {} did not finish its request head in time; closing", w.conn.peer.ip());
+                    canned(w.conn, 408, "request_timeout", "request head not received in time", &[]);
+                }
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    fn take_returned(&mut self) {
+        let mut sink = [0u8; 64];
+        while matches!((&self.wake_rx).read(&mut sink), Ok(n) if n > 0) {}
+        while let Ok(conn) = self.returned.try_recv() {
+            if conn.stream.set_nonblocking(true).is_err() {
+                continue;
+            }
+            let has_bytes = !conn.buf.is_empty();
+            let deadline = if has_bytes {
+                Instant::now() + self.state.config.head_timeout
+            } else {
+                Instant::now() + self.state.config.idle_timeout
+            };
+            self.waiting.push(Waiting { conn, deadline });
+            if has_bytes {
+                // A pipelined request may already be complete in the buffer: no readiness event will come for it.
+                let last = self.waiting.len() - 1;
+                self.try_dispatch(last);
+            }
+        }
+    }
+
+    fn accept_all(&mut self) {
+        loop {
+            match self.listener.accept() {
+                Ok((stream, peer)) => self.admit(stream, peer),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    let out_of_fds = matches!(e.raw_os_error(), Some(libc::EMFILE) | Some(libc::ENFILE));
+                    let now = Instant::now();
+                    if self.last_fd_warning.is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1)) {
+                        log::warn!("accept failed: {e}; pausing accepts for {} ms", ACCEPT_PAUSE.as_millis());
+                        self.last_fd_warning = Some(now);
+                    }
+                    if out_of_fds || e.kind() != io::ErrorKind::ConnectionAborted {
+                        self.accept_paused_until = Some(now + ACCEPT_PAUSE);
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    fn admit(&mut self, stream: TcpStream, peer: std::net::SocketAddr) {
+        let cfg = &self.state.config;
+        let _ = stream.set_nodelay(true);
+        let ok =
+            stream.set_nonblocking(true).is_ok() && stream.set_write_timeout(Some(cfg.client_write_timeout)).is_ok();
+        if !ok {
+            return;
+        }
+        let conn = Conn::new(stream, peer, &self.open);
+        if self.open.load(Ordering::Relaxed) > cfg.max_connections {
+            log::warn!("max_connections={} reached; refusing {}", cfg.max_connections, peer.ip());
+            canned(conn, 503, "server_busy", "too many open connections; retry shortly", &[("Retry-After", "1")]);
+            return;
+        }
+        let deadline = Instant::now() + cfg.head_timeout;
+        self.waiting.push(Waiting { conn, deadline });
+    }
+}
+
+fn pollfd(fd: i32) -> libc::pollfd {
+    libc::pollfd { fd, events: libc::POLLIN, revents: 0 }
+}
+
+fn refuse(conn: Conn, e: HeadError) {
+    log::info!("bad request head from {}: {} ({})", conn.peer.ip(), e.message(), e.status());
+    canned(conn, e.status(), "invalid_request_error", e.message(), &[]);
+}
+
+/// Writes a small error answer and closes. The socket may be non-blocking: the answer fits in any send buffer,
+/// and a client that cannot take a few hundred bytes is not waited for.
+fn canned(mut conn: Conn, status: u16, code: &str, message: &str, extra: &[(&str, &str)]) {
+    let rid = request_id::accept_or_generate(None);
+    let body = error_json(message, "invalid_request_error", code, &rid);
+    let _ = write_json(&mut conn.stream, status, &rid, &body, extra, Persist::Close);
+    let _ = conn.stream.shutdown(std::net::Shutdown::Write);
+}

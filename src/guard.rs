@@ -1,0 +1,179 @@
+//! Client admission: the client-key check (constant time) and the block table that shuts out an IP after
+//! `max_bad_keys` consecutive wrong keys for `block_duration`.
+//!
+//! The table's mutex is held only for a hash-map lookup or update, never across I/O. It is bounded by
+//! `max_tracked_clients`: when full, entries that no longer block anything are swept first; if it is still full,
+//! a new client's strikes are not recorded (blocking degrades, memory does not grow).
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use crate::config::{Config, Secret};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Allowed,
+    /// 403 with `Retry-After: retry_after_secs`.
+    Blocked {
+        retry_after_secs: u64,
+    },
+    /// 401: no key header (does not count as a strike: that is a misconfigured client, not a guess).
+    MissingKey,
+    /// 401: a key that is not in the allowlist (a strike).
+    BadKey,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Strikes {
+    consecutive_bad: u32,
+    blocked_until: Option<Instant>,
+}
+
+pub struct Guard {
+    keys: Vec<Secret>,
+    max_bad_keys: u32,
+    block_duration: Duration,
+    max_tracked: usize,
+    table: Mutex<HashMap<IpAddr, Strikes>>,
+}
+
+impl Guard {
+    pub fn new(config: &Config) -> Guard {
+        Guard {
+            keys: config.client_keys.clone(),
+            max_bad_keys: config.max_bad_keys,
+            block_duration: config.block_duration,
+            max_tracked: config.max_tracked_clients,
+            table: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Decides whether a request from `ip` carrying `key` may go on, and records the outcome.
+    pub fn check(&self, ip: IpAddr, key: Option<&[u8]>) -> Verdict {
+        let now = Instant::now();
+        if let Some(secs) = self.blocked_for(ip, now) {
+            return Verdict::Blocked { retry_after_secs: secs };
+        }
+        let key = match key {
+            Some(k) if !k.is_empty() => k,
+            _ => return Verdict::MissingKey,
+        };
+        // Compare against every key, always, so that the time taken does not tell which one nearly matched.
+        let good = self.keys.is_empty()
+            || self.keys.iter().fold(false, |found, k| found | constant_time_eq(k.expose().as_bytes(), key));
+        if good {
+            self.forgive(ip);
+            Verdict::Allowed
+        } else {
+            self.strike(ip, now)
+        }
+    }
+
+    fn blocked_for(&self, ip: IpAddr, now: Instant) -> Option<u64> {
+        let table = self.table.lock().unwrap_or_else(|p| p.into_inner());
+        let until = table.get(&ip)?.blocked_until?;
+        let left = until.checked_duration_since(now)?;
+        Some(left.as_secs() + u64::from(left.subsec_nanos() > 0))
+    }
+
+    fn forgive(&self, ip: IpAddr) {
+        let mut table = self.table.lock().unwrap_or_else(|p| p.into_inner());
+        // Entries exist only for clients with strikes, so the happy path is one lookup on a small map.
+        if !table.is_empty() {
+            table.remove(&ip);
+        }
+    }
+
+    fn strike(&self, ip: IpAddr, now: Instant) -> Verdict {
+        if self.max_bad_keys == 0 {
+            return Verdict::BadKey;
+        }
+        let mut table = self.table.lock().unwrap_or_else(|p| p.into_inner());
+        if !table.contains_key(&ip) && table.len() >= self.max_tracked {
+            table.retain(|_, s| s.blocked_until.is_some_and(|u| u > now));
+            if table.len() >= self.max_tracked {
+                log::warn!("block table full ({} clients); not tracking {ip}", table.len());
+                return Verdict::BadKey;
+            }
+        }
+        let entry = table.entry(ip).or_insert(Strikes { consecutive_bad: 0, blocked_until: None });
+        if entry.blocked_until.is_some_and(|u| u <= now) {
+            entry.blocked_until = None;
+        }
+        entry.consecutive_bad += 1;
+        if entry.consecutive_bad >= self.max_bad_keys {
+            entry.consecutive_bad = 0;
+            entry.blocked_until = Some(now + self.block_duration);
+            log::warn!(
+                "client {ip} blocked for {}s after {} consecutive bad keys",
+                self.block_duration.as_secs(),
+                self.max_bad_keys
+            );
+        }
+        Verdict::BadKey
+    }
+
+    pub fn tracked_clients(&self) -> usize {
+        self.table.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+}
+
+/// Equal-length comparison whose time depends only on the lengths, not on where the first difference is.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    let mut diff = u8::from(a.len() != b.len());
+    for (i, x) in a.iter().enumerate() {
+        diff |= x ^ b.get(i).copied().unwrap_or(0);
+    }
+    diff == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Overrides, ProcessEnv};
+    use std::path::Path;
+
+    fn guard(extra: &str) -> Guard {
+        let text = format!(
+            r#"{{"instances": [{{"endpoint": "https://a.example", "api_key": "k"}}], "client_keys": ["good", "also"] {extra}}}"#
+        );
+        Guard::new(&Config::from_json(&text, Path::new("t"), &Overrides::default(), &ProcessEnv).expect("config"))
+    }
+
+    #[test]
+    fn constant_time_eq_edges() {
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"ab"));
+        assert!(!constant_time_eq(b"ab", b"abc"));
+        assert!(constant_time_eq(b"", b""));
+    }
+
+    #[test]
+    fn strikes_block_and_good_key_resets() {
+        let g = guard(r#", "max_bad_keys": 3, "block_seconds": 60"#);
+        let ip: IpAddr = "10.0.0.1".parse().expect("ip");
+        assert_eq!(g.check(ip, Some(b"bad")), Verdict::BadKey);
+        assert_eq!(g.check(ip, Some(b"bad")), Verdict::BadKey);
+        assert_eq!(g.check(ip, Some(b"good")), Verdict::Allowed);
+        assert_eq!(g.tracked_clients(), 0);
+        for _ in 0..3 {
+            assert_eq!(g.check(ip, Some(b"bad")), Verdict::BadKey);
+        }
+        assert!(matches!(g.check(ip, Some(b"good")), Verdict::Blocked { retry_after_secs: 60 }));
+        let other: IpAddr = "10.0.0.2".parse().expect("ip");
+        assert_eq!(g.check(other, Some(b"also")), Verdict::Allowed);
+        assert_eq!(g.check(other, None), Verdict::MissingKey);
+    }
+
+    #[test]
+    fn table_is_bounded() {
+        let g = guard(r#", "max_tracked_clients": 10"#);
+        for i in 0..100u32 {
+            g.check(IpAddr::from(i.to_be_bytes()), Some(b"bad"));
+        }
+        assert!(g.tracked_clients() <= 10);
+    }
+}

@@ -1,0 +1,69 @@
+//! A client connection as it moves between the front thread and the workers: the socket, the peer address, and
+//! the bytes already received but not yet consumed (the rest of a head, a body's start, a pipelined request).
+
+use std::io::{self, Read};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Bytes asked for per `read` call.
+const READ_SIZE: usize = 16 * 1024;
+
+pub struct Conn {
+    pub stream: TcpStream,
+    pub peer: SocketAddr,
+    pub buf: Vec<u8>,
+    /// When this connection's current head started arriving (for the head deadline).
+    pub since: Instant,
+    /// Keeps the open-connection count right however the connection ends.
+    _slot: Slot,
+}
+
+impl Conn {
+    pub fn new(stream: TcpStream, peer: SocketAddr, open: &Arc<AtomicUsize>) -> Conn {
+        open.fetch_add(1, Ordering::Relaxed);
+        Conn { stream, peer, buf: Vec::new(), since: Instant::now(), _slot: Slot(Arc::clone(open)) }
+    }
+
+    /// Reads once from the socket onto the end of `buf`. `Ok(0)` means the peer closed its side.
+    pub fn read_more(&mut self) -> io::Result<usize> {
+        let old = self.buf.len();
+        self.buf.resize(old + READ_SIZE, 0);
+        let result = self.stream.read(&mut self.buf[old..]);
+        self.buf.truncate(old + *result.as_ref().unwrap_or(&0));
+        result
+    }
+
+    /// Drops the first `n` buffered bytes (a consumed head or body).
+    pub fn consume(&mut self, n: usize) {
+        self.buf.drain(..n.min(self.buf.len()));
+    }
+}
+
+struct Slot(Arc<AtomicUsize>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Closes `stream` with a reset (RST) instead of a clean FIN: the only way to tell a client reading a
+/// close-delimited body that it did not get all of it.
+pub fn abort(stream: &TcpStream) {
+    use std::os::fd::AsRawFd;
+    let linger = libc::linger { l_onoff: 1, l_linger: 0 };
+    // SAFETY: the fd is owned by `stream` and open for this call; the pointer and length describe a valid
+    // `linger` that lives across the call. The kernel copies it; nothing is retained.
+    unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            &linger as *const libc::linger as *const libc::c_void,
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        );
+    }
+    let _ = stream.shutdown(std::net::Shutdown::Both);
+}

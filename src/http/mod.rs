@@ -1,0 +1,12 @@
+//! The HTTP/1.1 front end, on `httparse`: reading request heads within limits, request bodies (length and
+//! chunked), and writing responses (our own heads, chunked framing, a flush per upstream read).
+//!
+//! It deliberately does not do routing, auth or upstream work; those live in `serve`, `guard` and `relay`.
+
+pub mod body;
+pub mod conn;
+pub mod parse;
+pub mod write;
+
+pub use conn::Conn;
+pub use parse::{Head, HeadError};

@@ -1,0 +1,27 @@
+//! azure-proxy: makes several Azure OpenAI instances look like one endpoint.
+//!
+//! How a request flows:
+//! 1. `front` (one thread, `poll`) accepts the connection and reads the request head (`http::parse`), within
+//!    size and time limits; a complete head goes over a bounded channel to a worker, or gets a 503 if it is full.
+//! 2. `serve` (a worker) checks the target, answers local routes (`/healthz`) and 404s anything outside
+//!    `/openai/`, then asks `guard` about the client's IP and key (401/403), then reads the body (`http::body`).
+//! 3. `relay` takes instances in `balancer` order (round-robin), calls each with ureq until one gives a final
+//!    answer, and copies that answer to the client as it arrives, flushing each read; or answers with the
+//!    fallback JSON listing every attempt.
+//! 4. `serve` logs the access line and gives a keep-alive connection back to `front`.
+#![deny(unsafe_op_in_unsafe_fn)]
+
+pub mod balancer;
+pub mod cli;
+pub mod config;
+pub mod front;
+pub mod guard;
+pub mod http;
+pub mod relay;
+pub mod request_id;
+pub mod serve;
+pub mod server;
+pub mod state;
+
+pub use config::Config;
+pub use server::{start, Server};

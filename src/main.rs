@@ -1,0 +1,84 @@
+//! `azure-proxy`: command line → configuration → serve. Exit codes: 0 after `--help`/`--version`/a valid
+//! `--check-config`, 2 for a usage or configuration error, 1 when the listener cannot be started.
+
+use std::process::ExitCode;
+
+use azure_proxy::cli::{self, Command, USAGE};
+use azure_proxy::config::{Config, Overrides, ProcessEnv};
+
+fn main() -> ExitCode {
+    let command = match cli::parse(std::env::args().skip(1)) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("azure-proxy: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match command {
+        Command::Help => {
+            print!("{USAGE}");
+            ExitCode::SUCCESS
+        }
+        Command::Version => {
+            println!("azure-proxy {}", env!("CARGO_PKG_VERSION"));
+            ExitCode::SUCCESS
+        }
+        Command::CheckConfig(o) => match load(&o) {
+            Ok(config) => {
+                println!("config OK: {} instance(s), listen {}", config.instances.len(), config.listen);
+                for i in &config.instances {
+                    println!("  {} -> {}", i.name, i.endpoint);
+                }
+                ExitCode::SUCCESS
+            }
+            Err(code) => code,
+        },
+        Command::Run(o) => {
+            init_logging();
+            let config = match load(&o) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            if config.client_keys.is_empty() {
+                log::warn!(
+                    "NO CLIENT KEY ALLOWLIST: any non-empty key in header {} is accepted. \
+                     Set client_keys in the config file to restrict access.",
+                    config.client_header_name
+                );
+            }
+            let (listen, n, workers) = (config.listen, config.instances.len(), config.workers);
+            match azure_proxy::start(config) {
+                Ok(server) => {
+                    log::info!("listening on {} ({n} instance(s), {workers} workers)", server.local_addr());
+                    let _ = listen;
+                    server.wait();
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    log::error!("{e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+    }
+}
+
+fn load(o: &Overrides) -> Result<Config, ExitCode> {
+    Config::load(o, &ProcessEnv).map_err(|e| {
+        eprintln!("azure-proxy: {e}");
+        ExitCode::from(2)
+    })
+}
+
+/// stderr, UTC timestamps, level from `RUST_LOG` (a single level name; default info). ureq and rustls are kept
+/// at warn: their debug lines would print request headers, keys included.
+fn init_logging() {
+    let _ = simple_logger::SimpleLogger::new()
+        .with_level(log::LevelFilter::Info)
+        .env()
+        .with_utc_timestamps()
+        .with_module_level("ureq", log::LevelFilter::Warn)
+        .with_module_level("ureq_proto", log::LevelFilter::Warn)
+        .with_module_level("rustls", log::LevelFilter::Warn)
+        .init();
+}

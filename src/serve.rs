@@ -1,0 +1,180 @@
+//! A worker's handling of one request, top to bottom: validate the head, answer local routes, check the client
+//! (`guard`), read the body, `relay` it, write the access log line, and decide whether the connection can carry
+//! another request. Everything here runs on a worker thread with a blocking socket.
+
+use std::io::Write;
+use std::time::Instant;
+
+use crate::guard::Verdict;
+use crate::http::body::{self, BodyError};
+use crate::http::parse::{is_safe_origin_form, Framing, FramingError, Head};
+use crate::http::write::{self, Persist};
+use crate::http::Conn;
+use crate::relay::{self, Exchange, Relayed};
+use crate::request_id;
+use crate::state::State;
+
+/// Serves the request whose head is `head` (already consumed from `conn.buf`). Returns the connection when it
+/// may carry another request, `None` when it must be closed.
+pub fn serve(state: &State, mut conn: Conn, head: Head) -> Option<Conn> {
+    let started = Instant::now();
+    let rid = request_id::accept_or_generate(head.header("x-request-id"));
+    let wants_keep_alive = head.wants_keep_alive();
+    let http10 = head.minor_version == 0;
+    let persist = if wants_keep_alive { Persist::KeepAlive { http10 } } else { Persist::Close };
+
+    let relayed = handle(state, &mut conn, &head, &rid, persist);
+    log::info!(
+        target: "access",
+        "{rid} client={} method={} path={} status={} instance={} attempts={} duration_ms={} bytes={}{}",
+        conn.peer.ip(),
+        head.method,
+        printable(head.path()),
+        relayed.status,
+        relayed.instance.as_deref().unwrap_or("-"),
+        relayed.attempts,
+        started.elapsed().as_millis(),
+        relayed.bytes,
+        relayed.note.map(|n| format!(" note={n}")).unwrap_or_default(),
+    );
+    if relayed.reusable && wants_keep_alive {
+        Some(conn)
+    } else {
+        None
+    }
+}
+
+fn handle(state: &State, conn: &mut Conn, head: &Head, rid: &str, persist: Persist) -> Relayed {
+    let cfg = &state.config;
+    // Until the body has been read, an early answer must close the connection: unread body bytes would
+    // otherwise be taken for the next request.
+    let framing = match Framing::of(head, cfg.max_body_bytes) {
+        Ok(f) => f,
+        Err(FramingError::Bad(why)) => return reply(conn, rid, 400, "invalid_request_error", why, &[], Persist::Close),
+        Err(FramingError::Unsupported(te)) => {
+            let msg = format!("unsupported transfer-encoding {te:?}; only chunked is accepted");
+            return reply(conn, rid, 501, "invalid_request_error", &msg, &[], Persist::Close);
+        }
+        Err(FramingError::TooLarge(n)) => {
+            log::warn!("{rid} body of {n} bytes refused (max_body_bytes={})", cfg.max_body_bytes);
+            let msg = format!("request body larger than {} bytes", cfg.max_body_bytes);
+            return reply(conn, rid, 413, "invalid_request_error", &msg, &[], Persist::Close);
+        }
+    };
+    let early = if framing == Framing::None { persist } else { Persist::Close };
+
+    if !is_safe_origin_form(&head.target) || head.method == "CONNECT" {
+        return reply(
+            conn,
+            rid,
+            400,
+            "invalid_request_error",
+            "only origin-form request targets are accepted",
+            &[],
+            Persist::Close,
+        );
+    }
+    let path = head.path();
+    if path == "/healthz" && (head.method == "GET" || head.method == "HEAD") {
+        let body = serde_json::json!({"status": "ok"});
+        return json(conn, rid, 200, &body, &[], early);
+    }
+    if !path.starts_with("/openai/") {
+        return reply(conn, rid, 404, "not_found_error", "not found: only /openai/ routes are proxied", &[], early);
+    }
+
+    match state.guard.check(conn.peer.ip(), head.header(&cfg.client_header_name)) {
+        Verdict::Allowed => {}
+        Verdict::Blocked { retry_after_secs } => {
+            let secs = retry_after_secs.to_string();
+            let msg = "too many invalid keys from this address; blocked for now";
+            return reply(conn, rid, 403, "permission_error", msg, &[("Retry-After", &secs)], Persist::Close);
+        }
+        Verdict::MissingKey => {
+            let msg = format!("missing client key in header {}", cfg.client_header_name);
+            return reply(conn, rid, 401, "authentication_error", &msg, &[], early);
+        }
+        Verdict::BadKey => {
+            log::warn!("{rid} invalid client key from {}", conn.peer.ip());
+            return reply(conn, rid, 401, "authentication_error", "invalid client key", &[], early);
+        }
+    }
+
+    if let Some(expect) = head.header("expect") {
+        if !expect.eq_ignore_ascii_case(b"100-continue") {
+            return reply(conn, rid, 417, "invalid_request_error", "unsupported Expect value", &[], Persist::Close);
+        }
+        // Only now, after the key check: a rejected client never gets to send its body.
+        if framing != Framing::None && head.minor_version == 1 && conn.buf.is_empty() {
+            let _ = conn.stream.write_all(b"HTTP/1.1 100 Continue\r\n\r\n");
+        }
+    }
+
+    let body = match body::read_body(conn, framing, cfg.max_body_bytes) {
+        Ok(b) => b,
+        Err(BodyError::TooLarge) => {
+            log::warn!("{rid} chunked body over max_body_bytes={}", cfg.max_body_bytes);
+            let msg = format!("request body larger than {} bytes", cfg.max_body_bytes);
+            return reply(conn, rid, 413, "invalid_request_error", &msg, &[], Persist::Close);
+        }
+        Err(BodyError::Malformed(why)) => {
+            return reply(conn, rid, 400, "invalid_request_error", why, &[], Persist::Close)
+        }
+        Err(e) if e.is_timeout() => {
+            let msg = "request body not received in time";
+            return reply(conn, rid, 408, "invalid_request_error", msg, &[], Persist::Close);
+        }
+        Err(e) => {
+            log::info!("{rid} client left while sending the body: {e:?}");
+            return Relayed {
+                status: 499,
+                instance: None,
+                attempts: 0,
+                bytes: 0,
+                reusable: false,
+                note: Some("client_gone"),
+            };
+        }
+    };
+
+    let ex = Exchange { head, framing, body: &body, request_id: rid };
+    relay::relay(state, &ex, &mut conn.stream, persist)
+}
+
+fn reply(
+    conn: &mut Conn,
+    rid: &str,
+    status: u16,
+    kind: &str,
+    message: &str,
+    extra: &[(&str, &str)],
+    persist: Persist,
+) -> Relayed {
+    let code = status.to_string();
+    json(conn, rid, status, &write::error_json(message, kind, &code, rid), extra, persist)
+}
+
+fn json(
+    conn: &mut Conn,
+    rid: &str,
+    status: u16,
+    body: &serde_json::Value,
+    extra: &[(&str, &str)],
+    persist: Persist,
+) -> Relayed {
+    let mut relayed =
+        Relayed { status, instance: None, attempts: 0, bytes: 0, reusable: persist != Persist::Close, note: None };
+    match write::write_json(&mut conn.stream, status, rid, body, extra, persist) {
+        Ok(n) => relayed.bytes = n,
+        Err(_) => {
+            relayed.reusable = false;
+            relayed.note = Some("client_gone");
+        }
+    }
+    relayed
+}
+
+/// The path as it may appear in a log line: at most 256 characters; it is already visible ASCII when valid.
+fn printable(path: &str) -> String {
+    path.chars().take(256).map(|c| if c.is_ascii_graphic() { c } else { '?' }).collect()
+}

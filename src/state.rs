@@ -1,0 +1,81 @@
+//! The state every worker shares, built once from the configuration and passed around in one `Arc`.
+
+use ureq::http::header::{HeaderName, HeaderValue};
+use ureq::Agent;
+
+use crate::balancer::Balancer;
+use crate::config::Config;
+use crate::guard::Guard;
+
+pub struct State {
+    pub config: Config,
+    /// One agent: its connection pool is shared, so upstream TCP/TLS connections are reused across workers.
+    pub agent: Agent,
+    pub balancer: Balancer,
+    pub guard: Guard,
+    /// `config.header_name`, parsed once.
+    pub key_header: HeaderName,
+    /// Each instance's key as a header value, parsed once and marked sensitive (hidden from `Debug`).
+    pub instance_keys: Vec<HeaderValue>,
+    /// Every secret, longest first, for scrubbing text from outside (upstream error bodies) before logging it.
+    secrets: Vec<String>,
+}
+
+impl State {
+    pub fn new(config: Config) -> Result<State, String> {
+        let key_header = HeaderName::from_bytes(config.header_name.as_bytes())
+            .map_err(|_| format!("header_name {:?} is not a valid header name", config.header_name))?;
+        let mut instance_keys = Vec::with_capacity(config.instances.len());
+        for inst in &config.instances {
+            let mut v = HeaderValue::from_str(inst.api_key.expose())
+                .map_err(|_| format!("the api_key of instance {} is not a valid header value", inst.name))?;
+            v.set_sensitive(true);
+            instance_keys.push(v);
+        }
+        let mut secrets = config.secrets();
+        secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
+        Ok(State {
+            agent: build_agent(&config),
+            balancer: Balancer::new(config.instances.len()),
+            guard: Guard::new(&config),
+            key_header,
+            instance_keys,
+            secrets,
+            config,
+        })
+    }
+
+    /// `text` with every configured key replaced by `[REDACTED]`.
+    pub fn redact(&self, text: &str) -> String {
+        let mut out = text.to_string();
+        for s in &self.secrets {
+            if !s.is_empty() && out.contains(s.as_str()) {
+                out = out.replace(s.as_str(), "[REDACTED]");
+            }
+        }
+        out
+    }
+}
+
+/// The upstream client, set up as a proxy needs it (library notes §2): statuses are answers, not errors;
+/// redirects go back to the client; no environment proxy; nothing added to the client's headers; connect,
+/// response-head and per-read timeouts only, because a whole-body timeout would cut long streams.
+fn build_agent(config: &Config) -> Agent {
+    let idle_per_host = config.workers;
+    Agent::config_builder()
+        .http_status_as_error(false)
+        .max_redirects(0)
+        .max_redirects_will_error(false)
+        .allow_non_standard_methods(true)
+        .user_agent("")
+        .accept("")
+        .proxy(None)
+        .no_delay(true)
+        .timeout_connect(Some(config.connect_timeout))
+        .timeout_recv_response(Some(config.upstream_response_timeout))
+        .timeout_per_read(Some(config.upstream_read_timeout))
+        .max_idle_connections(idle_per_host * config.instances.len())
+        .max_idle_connections_per_host(idle_per_host)
+        .build()
+        .into()
+}
