@@ -60,7 +60,7 @@ impl fmt::Debug for Secret {
 /// One upstream Azure OpenAI resource.
 #[derive(Clone, Debug)]
 pub struct Instance {
-    /// Used in logs and in the fallback error body; defaults to the endpoint's host.
+    /// Used in logs and in the fallback error body; defaults to the endpoint's host (with its port, if any).
     pub name: String,
     /// `scheme://host[:port]` with no trailing slash; the client's path is appended unchanged.
     pub endpoint: String,
@@ -350,7 +350,8 @@ impl Config {
     }
 }
 
-/// `https://host[:port][/]` → (`https://host[:port]`, `host`). A path, query or user-info would be silently
+/// `https://host[:port][/]` → (`https://host[:port]`, `host[:port]`), the second being the default instance name
+/// (just the host for Azure endpoints, which have no port). A path, query or user-info would be silently
 /// combined with the client's path, so they are refused rather than guessed at.
 fn normalize_endpoint(raw: &str) -> Result<(String, String), String> {
     let trimmed = raw.trim().trim_end_matches('/');
@@ -369,8 +370,9 @@ fn normalize_endpoint(raw: &str) -> Result<(String, String), String> {
     if host.is_empty() {
         return Err(format!("{raw:?} has no host; {fix}"));
     }
+    let authority = rest.to_string();
     trimmed.parse::<ureq::http::Uri>().map_err(|e| format!("{raw:?} is not a valid URL ({e}); {fix}"))?;
-    Ok((trimmed.to_string(), host))
+    Ok((trimmed.to_string(), authority))
 }
 
 fn header_field(value: Option<String>, field: &str) -> Result<String, String> {

@@ -1,0 +1,60 @@
+//! Starting a real proxy (the library's `start`, listening on 127.0.0.1:0) in front of mock instances.
+
+use std::net::SocketAddr;
+use std::path::Path;
+
+use azure_proxy::config::{Config, Env, Overrides};
+
+use super::mock::MockAzure;
+
+/// An environment with nothing set, so that tests do not depend on the developer's shell.
+pub struct NoEnv;
+impl Env for NoEnv {
+    fn var(&self, _: &str) -> Option<String> {
+        None
+    }
+}
+
+pub struct Proxy {
+    pub addr: SocketAddr,
+}
+
+/// Instance list entries: (endpoint URL, key, name).
+pub fn instance(url: &str, key: &str, name: &str) -> serde_json::Value {
+    serde_json::json!({ "endpoint": url, "api_key": key, "name": name })
+}
+
+/// Mocks named m0, m1, … with keys key0, key1, …
+pub fn instances_for(mocks: &[&MockAzure]) -> Vec<serde_json::Value> {
+    mocks.iter().enumerate().map(|(i, m)| instance(&m.url(), &format!("key{i}"), &format!("m{i}"))).collect()
+}
+
+/// Starts a proxy with the given instances, client key `client-key`, 4 workers, and `extra` fields merged into
+/// the config object (they override the defaults here).
+pub fn start_with(instances: Vec<serde_json::Value>, extra: serde_json::Value) -> Proxy {
+    let mut cfg = serde_json::json!({
+        "instances": instances,
+        "client_keys": ["client-key"],
+        "workers": 4,
+    });
+    if let (Some(obj), Some(more)) = (cfg.as_object_mut(), extra.as_object()) {
+        for (k, v) in more {
+            obj.insert(k.clone(), v.clone());
+        }
+    }
+    let overrides = Overrides { listen: Some("127.0.0.1:0".into()), ..Default::default() };
+    let config = Config::from_json(&cfg.to_string(), Path::new("test-config.json"), &overrides, &NoEnv)
+        .expect("test config is valid");
+    let server = azure_proxy::start(config).expect("proxy starts");
+    let addr = server.local_addr();
+    // The server's threads live until the test process exits.
+    std::mem::forget(server);
+    Proxy { addr }
+}
+
+pub fn start(mocks: &[&MockAzure]) -> Proxy {
+    start_with(instances_for(mocks), serde_json::json!({}))
+}
+
+/// A chat-completions path as the SDKs send it.
+pub const CHAT: &str = "/openai/deployments/gpt-4o/chat/completions?api-version=2024-06-01";
