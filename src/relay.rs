@@ -25,6 +25,8 @@ const HOP_BY_HOP: &[&str] =
 /// answered by us; forwarding it would make ureq wait for a 100), and the ID we set ourselves.
 const REQUEST_DROP: &[&str] = &["content-length", "expect", "x-ms-client-request-id"];
 
+const INVALID: &str = "invalid_request_error";
+
 const RETRYABLE: &[u16] = &[429, 500, 502, 503, 504, 401, 403, 404];
 
 /// The request as the worker has it: head, whole body, and its ID.
@@ -77,13 +79,13 @@ pub struct Relayed {
 pub fn relay(state: &State, ex: &Exchange, client: &mut TcpStream, persist: Persist) -> Relayed {
     let method = match Method::from_bytes(ex.head.method.as_bytes()) {
         Ok(m) => m,
-        Err(_) => return local_error(client, ex, 400, "invalid method", persist),
+        Err(_) => return respond_error(client, ex.request_id, 400, INVALID, "invalid method", &[], persist),
     };
     let headers = match forward_headers(state, ex) {
         Ok(h) => h,
         Err(name) => {
             let msg = format!("header {name} cannot be forwarded");
-            return local_error(client, ex, 400, &msg, persist);
+            return respond_error(client, ex.request_id, 400, INVALID, &msg, &[], persist);
         }
     };
     let instances = &state.config.instances;
@@ -400,28 +402,39 @@ fn fallback(client: &mut TcpStream, ex: &Exchange, attempts: &[Attempt], persist
         .to_string();
     let extra: &[(&str, &str)] = if status == 429 { &[("Retry-After", &retry_secs)] } else { &[] };
     log::warn!("{} all {} attempts failed; answering {status}", ex.request_id, attempts.len());
-    let mut relayed = Relayed {
-        status,
-        instance: None,
-        attempts: attempts.len(),
-        bytes: 0,
-        reusable: persist != Persist::Close,
-        note: None,
-    };
-    match write::write_json(client, status, ex.request_id, &body, extra, persist) {
+    let mut relayed = respond_json(client, ex.request_id, status, &body, extra, persist);
+    relayed.attempts = attempts.len();
+    relayed
+}
+
+/// Writes a small JSON answer produced by the proxy itself (not relayed from an instance).
+pub fn respond_json(
+    client: &mut TcpStream,
+    rid: &str,
+    status: u16,
+    body: &serde_json::Value,
+    extra: &[(&str, &str)],
+    persist: Persist,
+) -> Relayed {
+    let mut relayed =
+        Relayed { status, instance: None, attempts: 0, bytes: 0, reusable: persist != Persist::Close, note: None };
+    match write::write_json(client, status, rid, body, extra, persist) {
         Ok(n) => relayed.bytes = n,
         Err(_) => relayed = relayed.gone(),
     }
     relayed
 }
 
-fn local_error(client: &mut TcpStream, ex: &Exchange, status: u16, message: &str, persist: Persist) -> Relayed {
-    let body = write::error_json(message, "invalid_request_error", "bad_request", ex.request_id);
-    let mut relayed =
-        Relayed { status, instance: None, attempts: 0, bytes: 0, reusable: persist != Persist::Close, note: None };
-    match write::write_json(client, status, ex.request_id, &body, &[], persist) {
-        Ok(n) => relayed.bytes = n,
-        Err(_) => relayed = relayed.gone(),
-    }
-    relayed
+/// An error answer in the OpenAI envelope; `code` is the status as a string, as Azure's own errors do.
+pub fn respond_error(
+    client: &mut TcpStream,
+    rid: &str,
+    status: u16,
+    kind: &str,
+    message: &str,
+    extra: &[(&str, &str)],
+    persist: Persist,
+) -> Relayed {
+    let body = write::error_json(message, kind, &status.to_string(), rid);
+    respond_json(client, rid, status, &body, extra, persist)
 }

@@ -8,7 +8,7 @@ use std::time::Instant;
 use crate::guard::Verdict;
 use crate::http::body::{self, BodyError};
 use crate::http::parse::{is_safe_origin_form, Framing, FramingError, Head};
-use crate::http::write::{self, Persist};
+use crate::http::write::Persist;
 use crate::http::Conn;
 use crate::relay::{self, Exchange, Relayed};
 use crate::request_id;
@@ -75,9 +75,9 @@ fn handle(state: &State, conn: &mut Conn, head: &Head, rid: &str, persist: Persi
         );
     }
     let path = head.path();
-    if path == "/healthz" && (head.method == "GET" || head.method == "HEAD") {
+    if path == "/healthz" && head.method == "GET" {
         let body = serde_json::json!({"status": "ok"});
-        return json(conn, rid, 200, &body, &[], early);
+        return relay::respond_json(&mut conn.stream, rid, 200, &body, &[], early);
     }
     if !path.starts_with("/openai/") {
         return reply(conn, rid, 404, "not_found_error", "not found: only /openai/ routes are proxied", &[], early);
@@ -150,28 +150,7 @@ fn reply(
     extra: &[(&str, &str)],
     persist: Persist,
 ) -> Relayed {
-    let code = status.to_string();
-    json(conn, rid, status, &write::error_json(message, kind, &code, rid), extra, persist)
-}
-
-fn json(
-    conn: &mut Conn,
-    rid: &str,
-    status: u16,
-    body: &serde_json::Value,
-    extra: &[(&str, &str)],
-    persist: Persist,
-) -> Relayed {
-    let mut relayed =
-        Relayed { status, instance: None, attempts: 0, bytes: 0, reusable: persist != Persist::Close, note: None };
-    match write::write_json(&mut conn.stream, status, rid, body, extra, persist) {
-        Ok(n) => relayed.bytes = n,
-        Err(_) => {
-            relayed.reusable = false;
-            relayed.note = Some("client_gone");
-        }
-    }
-    relayed
+    relay::respond_error(&mut conn.stream, rid, status, kind, message, extra, persist)
 }
 
 /// The path as it may appear in a log line: at most 256 characters; it is already visible ASCII when valid.
