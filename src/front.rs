@@ -217,10 +217,12 @@ impl Front {
     fn take_returned(&mut self) {
         let mut sink = [0u8; 64];
         while matches!((&self.wake_rx).read(&mut sink), Ok(n) if n > 0) {}
-        while let Ok(conn) = self.returned.try_recv() {
+        while let Ok(mut conn) = self.returned.try_recv() {
             if conn.stream.set_nonblocking(true).is_err() {
                 continue;
             }
+            // A large chunked body may have grown the buffer; an idle connection keeps only what it needs.
+            conn.buf.shrink_to(1024);
             let has_bytes = !conn.buf.is_empty();
             let deadline = if has_bytes {
                 Instant::now() + self.state.config.head_timeout

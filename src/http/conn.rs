@@ -27,12 +27,14 @@ impl Conn {
     }
 
     /// Reads once from the socket onto the end of `buf`. `Ok(0)` means the peer closed its side.
+    ///
+    /// Reads go through a stack buffer so that `buf` grows only by what arrived: an idle connection holding a
+    /// few head bytes must not hold a 16 KiB allocation (thousands of slow clients are thousands of buffers).
     pub fn read_more(&mut self) -> io::Result<usize> {
-        let old = self.buf.len();
-        self.buf.resize(old + READ_SIZE, 0);
-        let result = self.stream.read(&mut self.buf[old..]);
-        self.buf.truncate(old + *result.as_ref().unwrap_or(&0));
-        result
+        let mut tmp = [0u8; READ_SIZE];
+        let n = self.stream.read(&mut tmp)?;
+        self.buf.extend_from_slice(&tmp[..n]);
+        Ok(n)
     }
 
     /// Drops the first `n` buffered bytes (a consumed head or body).
