@@ -61,7 +61,8 @@ fn handle(state: &State, conn: &mut Conn, head: &Head, rid: &str, persist: Persi
             return reply(conn, rid, 413, "invalid_request_error", &msg, &[], Persist::Close);
         }
     };
-    let early = if framing == Framing::None { persist } else { Persist::Close };
+    let has_body = !matches!(framing, Framing::None | Framing::Length(0));
+    let early = if has_body { Persist::Close } else { persist };
 
     if !is_safe_origin_form(&head.target) || head.method == "CONNECT" {
         return reply(
@@ -105,7 +106,7 @@ fn handle(state: &State, conn: &mut Conn, head: &Head, rid: &str, persist: Persi
             return reply(conn, rid, 417, "invalid_request_error", "unsupported Expect value", &[], Persist::Close);
         }
         // Only now, after the key check: a rejected client never gets to send its body.
-        if framing != Framing::None && head.minor_version == 1 && conn.buf.is_empty() {
+        if has_body && head.minor_version == 1 && conn.buf.is_empty() {
             let _ = conn.stream.write_all(b"HTTP/1.1 100 Continue\r\n\r\n");
         }
     }

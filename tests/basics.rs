@@ -182,3 +182,18 @@ fn http_1_0_client_gets_an_answer_and_a_close() {
     assert!(!r.chunked);
     assert!(c.is_closed());
 }
+
+#[test]
+fn bodies_keep_their_length_and_bodiless_requests_stay_bodiless() {
+    let m = MockAzure::start(|_: &support::mock::Recorded| Reply::json(200, serde_json::json!({"ok": true})));
+    let p = proxy::start(&[&m]);
+    let r = call(p.addr, "POST", CHAT, &[("api-key", "client-key")], b"");
+    assert_eq!(r.status, 200);
+    let seen = m.last_request().expect("seen");
+    assert_eq!(seen.header("content-length"), Some("0"), "an empty POST keeps its Content-Length: 0");
+    let r = call(p.addr, "GET", "/openai/models?api-version=2024-06-01", &[("api-key", "client-key")], b"");
+    assert_eq!(r.status, 200);
+    let seen = m.last_request().expect("seen");
+    assert_eq!((seen.header("content-length"), seen.header("transfer-encoding")), (None, None));
+    assert!(seen.body.is_empty());
+}

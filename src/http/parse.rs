@@ -196,8 +196,9 @@ impl Framing {
                 }
             }
         }
+        // An explicit `Content-Length: 0` stays a length: a POST must reach Azure with its length, not without one.
         match length {
-            None | Some(0) => Ok(Framing::None),
+            None => Ok(Framing::None),
             Some(n) if n > max_body => Err(FramingError::TooLarge(n)),
             Some(n) => Ok(Framing::Length(n)),
         }
@@ -273,6 +274,7 @@ mod tests {
         let f = |extra: &str| Framing::of(&head(&format!("POST / HTTP/1.1\r\n{extra}\r\n")), 1000);
         assert_eq!(f(""), Ok(Framing::None));
         assert_eq!(f("Content-Length: 5\r\n"), Ok(Framing::Length(5)));
+        assert_eq!(f("Content-Length: 0\r\n"), Ok(Framing::Length(0)));
         assert_eq!(f("Content-Length: 5\r\nContent-Length: 5\r\n"), Ok(Framing::Length(5)));
         assert_eq!(f("Content-Length: 5, 5\r\n"), Ok(Framing::Length(5)));
         assert!(matches!(f("Content-Length: 5\r\nContent-Length: 6\r\n"), Err(FramingError::Bad(_))));
