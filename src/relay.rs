@@ -246,6 +246,8 @@ fn stream_response(
         Out::Length(n) => {
             head.header("Content-Length", n.to_string().as_bytes());
         }
+        // HEAD and 304 describe the body they stand for; 204 and 1xx must not carry a length (RFC 9110 §8.6).
+        Out::Empty if status == 204 || status < 200 => {}
         Out::Empty => {
             if let Some(n) = upstream_len {
                 head.header("Content-Length", n.to_string().as_bytes());

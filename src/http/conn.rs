@@ -51,8 +51,8 @@ impl Drop for Slot {
     }
 }
 
-/// Closes `stream` with a reset (RST) instead of a clean FIN: the only way to tell a client reading a
-/// close-delimited body that it did not get all of it.
+/// Makes the coming close of `stream` a reset (RST) instead of a clean FIN: the only way to tell a client
+/// reading a close-delimited body that it did not get all of it. The caller must drop the socket next.
 pub fn abort(stream: &TcpStream) {
     use std::os::fd::AsRawFd;
     let linger = libc::linger { l_onoff: 1, l_linger: 0 };
@@ -67,5 +67,6 @@ pub fn abort(stream: &TcpStream) {
             std::mem::size_of::<libc::linger>() as libc::socklen_t,
         );
     }
-    let _ = stream.shutdown(std::net::Shutdown::Both);
+    // No shutdown() here: it would send a FIN at once, and a client that saw the FIN reads a clean EOF. The
+    // reset goes out when the caller drops the socket, which it does right after.
 }
