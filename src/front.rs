@@ -187,13 +187,7 @@ impl Front {
             Ok(()) => {}
             Err(TrySendError::Full(job)) => {
                 log::warn!("all {} workers busy and queue full; answering 503", self.state.config.workers);
-                canned(
-                    job.conn,
-                    503,
-                    "server_busy",
-                    "the proxy is at capacity; retry shortly",
-                    &[("Retry-After", "1")],
-                );
+                canned(job.conn, 503, "the proxy is at capacity; retry shortly", &[("Retry-After", "1")]);
             }
             Err(TrySendError::Disconnected(_)) => {}
         }
@@ -206,7 +200,7 @@ impl Front {
                 let w = self.waiting.swap_remove(i);
                 if !w.conn.buf.is_empty() {
                     log::info!("client {} did not finish its request head in time; closing", w.conn.peer.ip());
-                    canned(w.conn, 408, "request_timeout", "request head not received in time", &[]);
+                    canned(w.conn, 408, "request head not received in time", &[]);
                 }
             } else {
                 i += 1;
@@ -271,7 +265,7 @@ impl Front {
         let conn = Conn::new(stream, peer, &self.open);
         if self.open.load(Ordering::Relaxed) > cfg.max_connections {
             log::warn!("max_connections={} reached; refusing {}", cfg.max_connections, peer.ip());
-            canned(conn, 503, "server_busy", "too many open connections; retry shortly", &[("Retry-After", "1")]);
+            canned(conn, 503, "too many open connections; retry shortly", &[("Retry-After", "1")]);
             return;
         }
         let deadline = Instant::now() + cfg.head_timeout;
@@ -285,14 +279,15 @@ fn pollfd(fd: i32) -> libc::pollfd {
 
 fn refuse(conn: Conn, e: HeadError) {
     log::info!("bad request head from {}: {} ({})", conn.peer.ip(), e.message(), e.status());
-    canned(conn, e.status(), "invalid_request_error", e.message(), &[]);
+    canned(conn, e.status(), e.message(), &[]);
 }
 
 /// Writes a small error answer and closes. The socket may be non-blocking: the answer fits in any send buffer,
 /// and a client that cannot take a few hundred bytes is not waited for.
-fn canned(mut conn: Conn, status: u16, code: &str, message: &str, extra: &[(&str, &str)]) {
+fn canned(mut conn: Conn, status: u16, message: &str, extra: &[(&str, &str)]) {
     let rid = request_id::accept_or_generate(None);
-    let body = error_json(message, "invalid_request_error", code, &rid);
+    let kind = if status >= 500 { "server_error" } else { "invalid_request_error" };
+    let body = error_json(message, kind, &status.to_string(), &rid);
     let _ = write_json(&mut conn.stream, status, &rid, &body, extra, Persist::Close);
     let _ = conn.stream.shutdown(std::net::Shutdown::Write);
 }

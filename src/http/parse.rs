@@ -63,7 +63,7 @@ pub fn parse_head(buf: &[u8], max_bytes: usize, max_headers: usize) -> Result<Op
     match req.parse(data) {
         Ok(httparse::Status::Complete(n)) => {
             if skip + n > max_bytes {
-                return Err(too_large(data));
+                return Err(too_large(data, max_bytes));
             }
             let method = req.method.unwrap_or_default().to_string();
             let target = req.path.unwrap_or_default().to_string();
@@ -74,7 +74,7 @@ pub fn parse_head(buf: &[u8], max_bytes: usize, max_headers: usize) -> Result<Op
             }
             Ok(Some(Head { method, target, minor_version, headers: owned, len: skip + n }))
         }
-        Ok(httparse::Status::Partial) if buf.len() > max_bytes => Err(too_large(data)),
+        Ok(httparse::Status::Partial) if buf.len() > max_bytes => Err(too_large(data, max_bytes)),
         Ok(httparse::Status::Partial) => Ok(None),
         Err(httparse::Error::TooManyHeaders) => Err(HeadError::TooManyHeaders),
         Err(httparse::Error::Version) => Err(HeadError::Version),
@@ -99,11 +99,11 @@ fn leading_empty_lines(buf: &[u8]) -> usize {
     i
 }
 
-fn too_large(data: &[u8]) -> HeadError {
-    if data.contains(&b'\n') {
-        HeadError::TooLarge
-    } else {
-        HeadError::UriTooLong
+/// 414 when the request line alone is over the limit, 431 when the headers are.
+fn too_large(data: &[u8], max_bytes: usize) -> HeadError {
+    match data.iter().position(|b| *b == b'\n') {
+        Some(nl) if nl <= max_bytes => HeadError::TooLarge,
+        _ => HeadError::UriTooLong,
     }
 }
 
@@ -260,6 +260,8 @@ mod tests {
     fn limits_map_to_statuses() {
         let long_line = format!("GET /{} HTTP/1.1", "a".repeat(200));
         assert_eq!(parse_head(long_line.as_bytes(), 100, 10).unwrap_err(), HeadError::UriTooLong);
+        let whole = format!("GET /{} HTTP/1.1\r\nHost: a\r\n\r\n", "a".repeat(200));
+        assert_eq!(parse_head(whole.as_bytes(), 100, 10).unwrap_err(), HeadError::UriTooLong);
         let big = format!("GET / HTTP/1.1\r\nx: {}\r\n", "a".repeat(200));
         assert_eq!(parse_head(big.as_bytes(), 100, 10).unwrap_err(), HeadError::TooLarge);
         let many: String = (0..20).map(|i| format!("h{i}: v\r\n")).collect();

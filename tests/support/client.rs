@@ -43,6 +43,13 @@ impl Client {
         Client { stream, buf: Vec::new() }
     }
 
+    /// Wraps a stream the test connected itself (e.g. from a chosen local address).
+    pub fn from_stream(stream: TcpStream) -> Client {
+        stream.set_read_timeout(Some(READ_TIMEOUT)).expect("timeout");
+        stream.set_nodelay(true).expect("nodelay");
+        Client { stream, buf: Vec::new() }
+    }
+
     pub fn send_raw(&mut self, bytes: &[u8]) {
         self.stream.write_all(bytes).expect("write request");
     }
