@@ -50,23 +50,41 @@ fn handle(state: &State, conn: &mut Conn, head: &Head, rid: &str, persist: Persi
     // otherwise be taken for the next request.
     let framing = match Framing::of(head, cfg.max_body_bytes) {
         Ok(f) => f,
-        Err(FramingError::Bad(why)) => return reply(conn, rid, 400, "invalid_request_error", why, &[], Persist::Close),
+        Err(FramingError::Bad(why)) => {
+            return relay::respond_error(&mut conn.stream, rid, 400, "invalid_request_error", why, &[], Persist::Close)
+        }
         Err(FramingError::Unsupported(te)) => {
             let msg = format!("unsupported transfer-encoding {te:?}; only chunked is accepted");
-            return reply(conn, rid, 501, "invalid_request_error", &msg, &[], Persist::Close);
+            return relay::respond_error(
+                &mut conn.stream,
+                rid,
+                501,
+                "invalid_request_error",
+                &msg,
+                &[],
+                Persist::Close,
+            );
         }
         Err(FramingError::TooLarge(n)) => {
             log::warn!("{rid} body of {n} bytes refused (max_body_bytes={})", cfg.max_body_bytes);
             let msg = format!("request body larger than {} bytes", cfg.max_body_bytes);
-            return reply(conn, rid, 413, "invalid_request_error", &msg, &[], Persist::Close);
+            return relay::respond_error(
+                &mut conn.stream,
+                rid,
+                413,
+                "invalid_request_error",
+                &msg,
+                &[],
+                Persist::Close,
+            );
         }
     };
     let has_body = !matches!(framing, Framing::None | Framing::Length(0));
     let early = if has_body { Persist::Close } else { persist };
 
     if !is_safe_origin_form(&head.target) || head.method == "CONNECT" {
-        return reply(
-            conn,
+        return relay::respond_error(
+            &mut conn.stream,
             rid,
             400,
             "invalid_request_error",
@@ -81,7 +99,15 @@ fn handle(state: &State, conn: &mut Conn, head: &Head, rid: &str, persist: Persi
         return relay::respond_json(&mut conn.stream, rid, 200, &body, &[], early);
     }
     if !path.starts_with("/openai/") {
-        return reply(conn, rid, 404, "not_found_error", "not found: only /openai/ routes are proxied", &[], early);
+        return relay::respond_error(
+            &mut conn.stream,
+            rid,
+            404,
+            "not_found_error",
+            "not found: only /openai/ routes are proxied",
+            &[],
+            early,
+        );
     }
 
     match state.guard.check(conn.peer.ip(), head.header(&cfg.client_header_name)) {
@@ -89,21 +115,45 @@ fn handle(state: &State, conn: &mut Conn, head: &Head, rid: &str, persist: Persi
         Verdict::Blocked { retry_after_secs } => {
             let secs = retry_after_secs.to_string();
             let msg = "too many invalid keys from this address; blocked for now";
-            return reply(conn, rid, 403, "permission_error", msg, &[("Retry-After", &secs)], Persist::Close);
+            return relay::respond_error(
+                &mut conn.stream,
+                rid,
+                403,
+                "permission_error",
+                msg,
+                &[("Retry-After", &secs)],
+                Persist::Close,
+            );
         }
         Verdict::MissingKey => {
             let msg = format!("missing client key in header {}", cfg.client_header_name);
-            return reply(conn, rid, 401, "authentication_error", &msg, &[], early);
+            return relay::respond_error(&mut conn.stream, rid, 401, "authentication_error", &msg, &[], early);
         }
         Verdict::BadKey => {
             log::warn!("{rid} invalid client key from {}", conn.peer.ip());
-            return reply(conn, rid, 401, "authentication_error", "invalid client key", &[], early);
+            return relay::respond_error(
+                &mut conn.stream,
+                rid,
+                401,
+                "authentication_error",
+                "invalid client key",
+                &[],
+                early,
+            );
         }
     }
 
     if let Some(expect) = head.header("expect") {
         if !expect.eq_ignore_ascii_case(b"100-continue") {
-            return reply(conn, rid, 417, "invalid_request_error", "unsupported Expect value", &[], Persist::Close);
+            return relay::respond_error(
+                &mut conn.stream,
+                rid,
+                417,
+                "invalid_request_error",
+                "unsupported Expect value",
+                &[],
+                Persist::Close,
+            );
         }
         // Only now, after the key check: a rejected client never gets to send its body.
         if has_body && head.minor_version == 1 && conn.buf.is_empty() {
@@ -116,14 +166,22 @@ fn handle(state: &State, conn: &mut Conn, head: &Head, rid: &str, persist: Persi
         Err(BodyError::TooLarge) => {
             log::warn!("{rid} chunked body over max_body_bytes={}", cfg.max_body_bytes);
             let msg = format!("request body larger than {} bytes", cfg.max_body_bytes);
-            return reply(conn, rid, 413, "invalid_request_error", &msg, &[], Persist::Close);
+            return relay::respond_error(
+                &mut conn.stream,
+                rid,
+                413,
+                "invalid_request_error",
+                &msg,
+                &[],
+                Persist::Close,
+            );
         }
         Err(BodyError::Malformed(why)) => {
-            return reply(conn, rid, 400, "invalid_request_error", why, &[], Persist::Close)
+            return relay::respond_error(&mut conn.stream, rid, 400, "invalid_request_error", why, &[], Persist::Close)
         }
         Err(e) if e.is_timeout() => {
             let msg = "request body not received in time";
-            return reply(conn, rid, 408, "invalid_request_error", msg, &[], Persist::Close);
+            return relay::respond_error(&mut conn.stream, rid, 408, "invalid_request_error", msg, &[], Persist::Close);
         }
         Err(e) => {
             log::info!("{rid} client left while sending the body: {e:?}");
@@ -140,18 +198,6 @@ fn handle(state: &State, conn: &mut Conn, head: &Head, rid: &str, persist: Persi
 
     let ex = Exchange { head, framing, body: &body, request_id: rid };
     relay::relay(state, &ex, &mut conn.stream, persist)
-}
-
-fn reply(
-    conn: &mut Conn,
-    rid: &str,
-    status: u16,
-    kind: &str,
-    message: &str,
-    extra: &[(&str, &str)],
-    persist: Persist,
-) -> Relayed {
-    relay::respond_error(&mut conn.stream, rid, status, kind, message, extra, persist)
 }
 
 /// The path as it may appear in a log line: at most 256 characters; it is already visible ASCII when valid.

@@ -3,13 +3,13 @@
 
 mod support;
 
-use std::io::{self, ErrorKind, Read};
+use std::io;
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use support::client::{call, Client, Resp};
+use support::client::{call, read_raw_head, Client, Resp};
 use support::mock::{azure_like, MockAzure, Recorded, Reply};
 use support::proxy::{self, CHAT};
 
@@ -37,21 +37,6 @@ fn assert_error(r: &Resp, status: u16, what: &str) {
     let e = &body["error"];
     assert!(e["message"].is_string() && e["type"].is_string() && e["code"].is_string(), "{what}: {body}");
     assert_eq!(e["request_id"], rid, "{what}");
-}
-
-/// Reads one response head byte by byte, 1xx included, so that nothing after it is consumed.
-fn read_raw_head(s: &mut TcpStream) -> io::Result<(u16, String)> {
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        if s.read(&mut byte)? == 0 {
-            return Err(io::Error::new(ErrorKind::UnexpectedEof, "EOF before a response head"));
-        }
-        head.push(byte[0]);
-    }
-    let text = String::from_utf8_lossy(&head).into_owned();
-    let status = text.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-    Ok((status, text))
 }
 
 /// A TCP connection to `to` from the local address `from` (any 127.x.y.z is local on Linux), so that the proxy

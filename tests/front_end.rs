@@ -3,7 +3,7 @@
 
 mod support;
 
-use std::io::{self, ErrorKind, Read};
+use std::io::ErrorKind;
 use std::net::{SocketAddr, TcpStream};
 use std::os::fd::AsRawFd;
 use std::sync::mpsc;
@@ -11,7 +11,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use support::client::{chat, Client, Resp};
+use support::client::{chat, read_raw_head, Client, Resp};
 use support::mock::{azure_like, MockAzure, Recorded, Reply};
 use support::proxy::{self, CHAT};
 
@@ -57,21 +57,6 @@ fn assert_closed(c: &mut Client, what: &str) {
         Err(e) if e.kind() == ErrorKind::ConnectionReset => {}
         Err(e) => panic!("{what}: connection still open ({e})"),
     }
-}
-
-/// Reads one response head byte by byte, 1xx included, so that nothing after it is consumed.
-fn read_raw_head(s: &mut TcpStream) -> io::Result<(u16, String)> {
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        if s.read(&mut byte)? == 0 {
-            return Err(io::Error::new(ErrorKind::UnexpectedEof, "EOF before a response head"));
-        }
-        head.push(byte[0]);
-    }
-    let text = String::from_utf8_lossy(&head).into_owned();
-    let status = text.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-    Ok((status, text))
 }
 
 /// Index of the first of `streams` with something to read (or EOF), waiting at most `timeout`.

@@ -219,3 +219,18 @@ pub fn chat(addr: SocketAddr, body: &str) -> Resp {
         body.as_bytes(),
     )
 }
+
+/// Reads one response head byte by byte, 1xx included, so that nothing after it is consumed.
+pub fn read_raw_head(s: &mut TcpStream) -> io::Result<(u16, String)> {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if s.read(&mut byte)? == 0 {
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "EOF before a response head"));
+        }
+        head.push(byte[0]);
+    }
+    let text = String::from_utf8_lossy(&head).into_owned();
+    let status = text.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    Ok((status, text))
+}
