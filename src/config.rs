@@ -26,6 +26,9 @@ pub const DEFAULT_HEAD_TIMEOUT_MS: u64 = 10_000;
 pub const DEFAULT_IDLE_TIMEOUT_MS: u64 = 60_000;
 pub const DEFAULT_BODY_READ_TIMEOUT_MS: u64 = 30_000;
 pub const DEFAULT_CLIENT_WRITE_TIMEOUT_MS: u64 = 30_000;
+/// How long a worker waits for the next request on a keep-alive connection before handing it to the front
+/// thread. Short: it only catches clients that send back-to-back (load generators, batch jobs, pooled SDKs).
+pub const DEFAULT_KEEPALIVE_LINGER_MS: u64 = 2;
 pub const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 10_000;
 /// A non-streamed completion sends its head only when the whole answer is generated: minutes, not seconds.
 pub const DEFAULT_UPSTREAM_RESPONSE_TIMEOUT_MS: u64 = 300_000;
@@ -95,6 +98,9 @@ pub struct Config {
     pub body_read_timeout: Duration,
     /// Longest wait for one write to a client (a client that stops reading frees its worker after this).
     pub client_write_timeout: Duration,
+    /// How long a worker waits for a next request on the connection it just served (0: never; see
+    /// `DEFAULT_KEEPALIVE_LINGER_MS`). It never waits while other requests are queued.
+    pub keepalive_linger: Duration,
     pub connect_timeout: Duration,
     pub upstream_response_timeout: Duration,
     pub upstream_read_timeout: Duration,
@@ -124,6 +130,7 @@ struct FileConfig {
     idle_timeout_ms: Option<u64>,
     body_read_timeout_ms: Option<u64>,
     client_write_timeout_ms: Option<u64>,
+    keepalive_linger_ms: Option<u64>,
     connect_timeout_ms: Option<u64>,
     upstream_response_timeout_ms: Option<u64>,
     upstream_read_timeout_ms: Option<u64>,
@@ -311,6 +318,7 @@ impl Config {
                 DEFAULT_CLIENT_WRITE_TIMEOUT_MS,
                 "client_write_timeout_ms",
             )?,
+            keepalive_linger: Duration::from_millis(raw.keepalive_linger_ms.unwrap_or(DEFAULT_KEEPALIVE_LINGER_MS)),
             connect_timeout: ms(raw.connect_timeout_ms, DEFAULT_CONNECT_TIMEOUT_MS, "connect_timeout_ms")?,
             upstream_response_timeout: ms(
                 raw.upstream_response_timeout_ms,

@@ -148,8 +148,7 @@ impl Front {
             Ok(_) => {
                 if was_empty {
                     // The head deadline runs from its first byte; before that, the idle timeout applied.
-                    w.conn.since = Instant::now();
-                    w.deadline = w.conn.since + self.state.config.head_timeout;
+                    w.deadline = Instant::now() + self.state.config.head_timeout;
                 }
                 self.try_dispatch(i);
             }

@@ -6,6 +6,7 @@
 //! instance may succeed on another), plus connection, DNS and TLS errors and timeouts before the response head.
 //! Once the head has been written to the client nothing is retried: the client sees the stream or an error.
 
+use std::cell::RefCell;
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
@@ -280,8 +281,16 @@ impl Relayed {
     }
 }
 
-fn copy_body(mut reader: impl Read, client: &mut TcpStream, out: Out, relayed: &mut Relayed) {
-    let mut buf = vec![0u8; CHUNK_BUF];
+thread_local! {
+    /// Each worker's copy buffer, allocated once: a fresh zeroed 16 KiB per response was measurable at 20k req/s.
+    static COPY_BUF: RefCell<Vec<u8>> = RefCell::new(vec![0u8; CHUNK_BUF]);
+}
+
+fn copy_body(reader: impl Read, client: &mut TcpStream, out: Out, relayed: &mut Relayed) {
+    COPY_BUF.with_borrow_mut(|buf| copy_with(buf, reader, client, out, relayed));
+}
+
+fn copy_with(buf: &mut [u8], mut reader: impl Read, client: &mut TcpStream, out: Out, relayed: &mut Relayed) {
     loop {
         let n = match reader.read(&mut buf[CHUNK_PREFIX..CHUNK_PREFIX + CHUNK_DATA]) {
             Ok(0) => break,
@@ -305,7 +314,7 @@ fn copy_body(mut reader: impl Read, client: &mut TcpStream, out: Out, relayed: &
         };
         let written = match out {
             Out::Chunked => {
-                let range = write::frame_chunk(&mut buf, n);
+                let range = write::frame_chunk(buf, n);
                 client.write_all(&buf[range])
             }
             _ => client.write_all(&buf[CHUNK_PREFIX..CHUNK_PREFIX + n]),

@@ -5,12 +5,15 @@
 
 use std::io;
 use std::net::{SocketAddr, TcpListener};
+use std::os::fd::AsRawFd;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 
 use crate::config::Config;
 use crate::front::{Front, Job, Returner};
+use crate::http::parse::parse_head;
+use crate::http::{Conn, Head};
 use crate::serve::serve;
 use crate::state::State;
 
@@ -58,19 +61,79 @@ pub fn start(config: Config) -> io::Result<Server> {
 }
 
 fn work(state: &State, jobs: crossbeam_channel::Receiver<Job>, returner: &Returner) {
-    for Job { conn, head } in jobs.iter() {
-        if let Err(e) = conn.stream.set_read_timeout(Some(state.config.body_read_timeout)) {
-            log::warn!("cannot set a read timeout on a client socket: {e}");
-            continue;
-        }
-        // A bug that panics on one request must cost that request only, not a worker: the connection is
-        // dropped (closed) during unwinding and this thread goes on. (Release builds abort on panic instead.)
-        match catch_unwind(AssertUnwindSafe(|| serve(state, conn, head))) {
-            Ok(Some(conn)) => returner.give_back(conn),
-            Ok(None) => {}
-            Err(_) => log::error!("a request handler panicked; its connection was closed"),
+    for Job { mut conn, mut head } in jobs.iter() {
+        loop {
+            if !conn.worker_ready {
+                if let Err(e) = conn.stream.set_read_timeout(Some(state.config.body_read_timeout)) {
+                    log::warn!("cannot set a read timeout on a client socket: {e}");
+                    break;
+                }
+                conn.worker_ready = true;
+            }
+            // A bug that panics on one request must cost that request only, not a worker: the connection is
+            // dropped (closed) during unwinding and this thread goes on. (Release builds abort on panic instead.)
+            let mut kept = match catch_unwind(AssertUnwindSafe(|| serve(state, conn, head))) {
+                Ok(Some(kept)) => kept,
+                Ok(None) => break,
+                Err(_) => {
+                    log::error!("a request handler panicked; its connection was closed");
+                    break;
+                }
+            };
+            match next_request_here(state, &mut kept, &jobs) {
+                Next::Here(next) => (conn, head) = (kept, next),
+                Next::ToFront => {
+                    returner.give_back(kept);
+                    break;
+                }
+                Next::Closed => break,
+            }
         }
     }
+}
+
+enum Next {
+    /// The next request's head, already taken from the connection's buffer.
+    Here(Head),
+    ToFront,
+    Closed,
+}
+
+/// The keep-alive fast path: a client that sends its next request at once (a pooled SDK, a batch job, a load
+/// generator) is served by the same worker, saving two thread hand-offs and a poll round. Anything slower than
+/// `keepalive_linger`, any incomplete or invalid head, and every connection while requests are queued goes back
+/// to the front thread, which owns waiting.
+fn next_request_here(state: &State, conn: &mut Conn, jobs: &crossbeam_channel::Receiver<Job>) -> Next {
+    let cfg = &state.config;
+    if conn.buf.is_empty() {
+        if !jobs.is_empty() || cfg.keepalive_linger.is_zero() || !readable_within(&conn.stream, cfg.keepalive_linger) {
+            return Next::ToFront;
+        }
+        match conn.read_more() {
+            Ok(0) => return Next::Closed,
+            Ok(_) => {}
+            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) => {
+                return Next::ToFront
+            }
+            Err(_) => return Next::Closed,
+        }
+    }
+    match parse_head(&conn.buf, cfg.max_head_bytes, cfg.max_headers) {
+        Ok(Some(head)) => {
+            conn.consume(head.len);
+            Next::Here(head)
+        }
+        Ok(None) | Err(_) => Next::ToFront,
+    }
+}
+
+/// Waits up to `wait` for `stream` to become readable (data, EOF or error).
+fn readable_within(stream: &std::net::TcpStream, wait: std::time::Duration) -> bool {
+    let mut fd = libc::pollfd { fd: stream.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    let ms = i32::try_from(wait.as_millis()).unwrap_or(i32::MAX);
+    // SAFETY: one valid pollfd, alive for the call, count 1.
+    let ready = unsafe { libc::poll(&mut fd, 1, ms) };
+    ready > 0
 }
 
 /// Raises the soft open-files limit to the hard limit: every client and upstream connection is an fd, and the

@@ -5,7 +5,6 @@ use std::io::{self, Read};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
 
 /// Bytes asked for per `read` call.
 const READ_SIZE: usize = 16 * 1024;
@@ -14,8 +13,8 @@ pub struct Conn {
     pub stream: TcpStream,
     pub peer: SocketAddr,
     pub buf: Vec<u8>,
-    /// When this connection's current head started arriving (for the head deadline).
-    pub since: Instant,
+    /// Whether a worker has already set this socket's read timeout (it is set once per connection).
+    pub worker_ready: bool,
     /// Keeps the open-connection count right however the connection ends.
     _slot: Slot,
 }
@@ -23,7 +22,7 @@ pub struct Conn {
 impl Conn {
     pub fn new(stream: TcpStream, peer: SocketAddr, open: &Arc<AtomicUsize>) -> Conn {
         open.fetch_add(1, Ordering::Relaxed);
-        Conn { stream, peer, buf: Vec::new(), since: Instant::now(), _slot: Slot(Arc::clone(open)) }
+        Conn { stream, peer, buf: Vec::new(), worker_ready: false, _slot: Slot(Arc::clone(open)) }
     }
 
     /// Reads once from the socket onto the end of `buf`. `Ok(0)` means the peer closed its side.
