@@ -263,13 +263,22 @@ fn stream_response(
     persist.apply(&mut head);
     let mut relayed =
         Relayed { status, instance: None, attempts: 0, bytes: 0, reusable: persist != Persist::Close, note: None };
-    if client.write_all(&head.finish()).is_err() {
-        return relayed.gone();
-    }
+    let head = head.finish();
+    // A body of known length (a non-streamed completion) is normally already here with its head: send both in
+    // one write, one packet, one client wake-up. Any other body may take long to start (an SSE stream waits for
+    // the first token), so its head goes out at once.
+    let pending_head = if matches!(out, Out::Length(_)) {
+        head
+    } else {
+        if client.write_all(&head).is_err() {
+            return relayed.gone();
+        }
+        Vec::new()
+    };
     if out == Out::Empty {
         return relayed;
     }
-    copy_body(body.into_reader(), client, out, &mut relayed);
+    copy_body(body.into_reader(), client, out, pending_head, &mut relayed);
     relayed
 }
 
@@ -286,11 +295,20 @@ thread_local! {
     static COPY_BUF: RefCell<Vec<u8>> = RefCell::new(vec![0u8; CHUNK_BUF]);
 }
 
-fn copy_body(reader: impl Read, client: &mut TcpStream, out: Out, relayed: &mut Relayed) {
-    COPY_BUF.with_borrow_mut(|buf| copy_with(buf, reader, client, out, relayed));
+/// Copies the upstream body to the client, one write per read; `pending_head` (possibly empty) goes out with the
+/// first write.
+fn copy_body(reader: impl Read, client: &mut TcpStream, out: Out, pending_head: Vec<u8>, relayed: &mut Relayed) {
+    COPY_BUF.with_borrow_mut(|buf| copy_with(buf, reader, client, out, pending_head, relayed));
 }
 
-fn copy_with(buf: &mut [u8], mut reader: impl Read, client: &mut TcpStream, out: Out, relayed: &mut Relayed) {
+fn copy_with(
+    buf: &mut [u8],
+    mut reader: impl Read,
+    client: &mut TcpStream,
+    out: Out,
+    mut pending_head: Vec<u8>,
+    relayed: &mut Relayed,
+) {
     loop {
         let n = match reader.read(&mut buf[CHUNK_PREFIX..CHUNK_PREFIX + CHUNK_DATA]) {
             Ok(0) => break,
@@ -317,7 +335,7 @@ fn copy_with(buf: &mut [u8], mut reader: impl Read, client: &mut TcpStream, out:
                 let range = write::frame_chunk(buf, n);
                 client.write_all(&buf[range])
             }
-            _ => client.write_all(&buf[CHUNK_PREFIX..CHUNK_PREFIX + n]),
+            _ => write_both(client, &std::mem::take(&mut pending_head), &buf[CHUNK_PREFIX..CHUNK_PREFIX + n]),
         };
         if let Err(e) = written {
             log::info!("client went away after {} bytes: {e}; dropping the upstream stream", relayed.bytes);
@@ -327,9 +345,21 @@ fn copy_with(buf: &mut [u8], mut reader: impl Read, client: &mut TcpStream, out:
         }
         relayed.bytes += n as u64;
     }
-    if out == Out::Chunked && client.write_all(LAST_CHUNK).is_err() {
+    let tail = if out == Out::Chunked { LAST_CHUNK } else { &[][..] };
+    if write_both(client, &pending_head, tail).is_err() {
         relayed.reusable = false;
         relayed.note = Some("client_gone");
+    }
+}
+
+/// Writes `a` then `b`, in one system call when the socket takes it all.
+fn write_both(stream: &mut TcpStream, a: &[u8], b: &[u8]) -> io::Result<()> {
+    let n = stream.write_vectored(&[io::IoSlice::new(a), io::IoSlice::new(b)])?;
+    if n < a.len() {
+        stream.write_all(&a[n..])?;
+        stream.write_all(b)
+    } else {
+        stream.write_all(&b[n - a.len()..])
     }
 }
 
