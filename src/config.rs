@@ -5,7 +5,7 @@
 //! optional fields for every limit. Unknown fields are an error: a typo such as `client_key` must not silently turn
 //! the allowlist off. Every default is a named constant below, next to the field it fills.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -39,6 +39,18 @@ pub const DEFAULT_ERROR_BODY_MAX_BYTES: usize = 2048;
 pub const DEFAULT_MAX_BAD_KEYS: u32 = 5;
 pub const DEFAULT_BLOCK_SECONDS: u64 = 300;
 pub const DEFAULT_MAX_TRACKED_CLIENTS: usize = 100_000;
+/// Cooldown after a 429/503 that names no retry time.
+pub const DEFAULT_COOLDOWN_MS: u64 = 1_000;
+/// Cap on any honoured retry time (a misbehaving `Retry-After: 86400` must not take an instance out for a day);
+/// 0 turns cooldowns off (plain round-robin).
+pub const DEFAULT_MAX_COOLDOWN_MS: u64 = 60_000;
+/// Consecutive connection failures or timeouts that open an instance's circuit; 0 turns the breaker off.
+pub const DEFAULT_CIRCUIT_FAILURES: u32 = 3;
+/// First open interval; it doubles on every failed probe, up to the maximum.
+pub const DEFAULT_CIRCUIT_OPEN_MS: u64 = 1_000;
+pub const DEFAULT_CIRCUIT_MAX_OPEN_MS: u64 = 60_000;
+/// Sum of the weights in one priority tier (the weighted order is precomputed with one slot per unit of weight).
+pub const MAX_TIER_WEIGHT: u32 = 10_000;
 
 /// A secret string (an instance key or a client key). Its `Debug` never shows the value, so a stray `{:?}` of a
 /// config in a log line or a panic cannot leak it.
@@ -68,6 +80,44 @@ pub struct Instance {
     /// `scheme://host[:port]` with no trailing slash; the client's path is appended unchanged.
     pub endpoint: String,
     pub api_key: Secret,
+    /// Lower is tried first; a tier is left only when all its instances are cooling down or failed.
+    pub priority: u32,
+    /// Share of requests inside its tier (smooth weighted round-robin).
+    pub weight: u32,
+    /// Client deployment name → this instance's deployment name.
+    pub deployments: BTreeMap<String, String>,
+    /// Skip this instance for deployment names that `deployments` does not list.
+    pub deployments_only: bool,
+    /// Replaces the client's `api-version` query parameter.
+    pub api_version: Option<String>,
+    /// Per-instance upstream timeouts; `None` means the global one.
+    pub connect_timeout: Option<Duration>,
+    pub upstream_response_timeout: Option<Duration>,
+    pub upstream_read_timeout: Option<Duration>,
+}
+
+impl Instance {
+    pub fn has_timeout_overrides(&self) -> bool {
+        self.connect_timeout.is_some()
+            || self.upstream_response_timeout.is_some()
+            || self.upstream_read_timeout.is_some()
+    }
+}
+
+/// How requests are spread and retried across instances.
+#[derive(Clone, Debug)]
+pub struct Routing {
+    /// Attempts per request, at most one per instance.
+    pub max_attempts: usize,
+    /// No new attempt starts after this much time since the request arrived (`None`: no deadline).
+    pub attempt_deadline: Option<Duration>,
+    pub default_cooldown: Duration,
+    /// Zero disables cooldowns entirely.
+    pub max_cooldown: Duration,
+    /// Zero disables the circuit breaker.
+    pub circuit_failures: u32,
+    pub circuit_open: Duration,
+    pub circuit_max_open: Duration,
 }
 
 /// The validated configuration. Invariants: `instances` is non-empty, names are unique, header names are valid
@@ -109,6 +159,7 @@ pub struct Config {
     pub max_bad_keys: u32,
     pub block_duration: Duration,
     pub max_tracked_clients: usize,
+    pub routing: Routing,
 }
 
 /// The JSON file as written by users. Optional fields fall back to the defaults above.
@@ -138,6 +189,13 @@ struct FileConfig {
     max_bad_keys: Option<u32>,
     block_seconds: Option<u64>,
     max_tracked_clients: Option<usize>,
+    max_attempts: Option<usize>,
+    attempt_deadline_ms: Option<u64>,
+    cooldown_ms: Option<u64>,
+    max_cooldown_ms: Option<u64>,
+    circuit_failures: Option<u32>,
+    circuit_open_ms: Option<u64>,
+    circuit_max_open_ms: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -147,6 +205,14 @@ struct FileInstance {
     api_key: Option<String>,
     api_key_env: Option<String>,
     name: Option<String>,
+    priority: Option<u32>,
+    weight: Option<u32>,
+    deployments: Option<BTreeMap<String, String>>,
+    deployments_only: Option<bool>,
+    api_version: Option<String>,
+    connect_timeout_ms: Option<u64>,
+    upstream_response_timeout_ms: Option<u64>,
+    upstream_read_timeout_ms: Option<u64>,
 }
 
 /// Settings from the command line; `None` means "not given".
@@ -244,8 +310,70 @@ impl Config {
                     format!("{name:?} is empty or used by another instance; give each instance a unique name"),
                 ));
             }
-            instances.push(Instance { name, endpoint, api_key: Secret::new(api_key) });
+            let weight = inst.weight.unwrap_or(1);
+            if weight == 0 || weight > 1000 {
+                return Err(err(&at("weight"), format!("{weight} is out of range; use 1 to 1000")));
+            }
+            let deployments = inst.deployments.unwrap_or_default();
+            for (from, to) in &deployments {
+                if !is_path_segment(from) || !is_path_segment(to) {
+                    return Err(err(
+                        &at("deployments"),
+                        format!("{from:?} -> {to:?}: deployment names must be non-empty and contain only letters, digits, '-', '_' and '.'"),
+                    ));
+                }
+            }
+            if let Some(v) = &inst.api_version {
+                if !is_path_segment(v) {
+                    return Err(err(&at("api_version"), format!("{v:?} is not an api-version such as 2024-06-01")));
+                }
+            }
+            let opt_ms = |v: Option<u64>, f: &str| match v {
+                Some(0) => Err(err(&at(f), "must be greater than 0".into())),
+                v => Ok(v.map(Duration::from_millis)),
+            };
+            instances.push(Instance {
+                name,
+                endpoint,
+                api_key: Secret::new(api_key),
+                priority: inst.priority.unwrap_or(0),
+                weight,
+                deployments,
+                deployments_only: inst.deployments_only.unwrap_or(false),
+                api_version: inst.api_version,
+                connect_timeout: opt_ms(inst.connect_timeout_ms, "connect_timeout_ms")?,
+                upstream_response_timeout: opt_ms(inst.upstream_response_timeout_ms, "upstream_response_timeout_ms")?,
+                upstream_read_timeout: opt_ms(inst.upstream_read_timeout_ms, "upstream_read_timeout_ms")?,
+            });
         }
+
+        let mut tier_weights: BTreeMap<u32, u32> = BTreeMap::new();
+        for inst in &instances {
+            *tier_weights.entry(inst.priority).or_default() += inst.weight;
+        }
+        if let Some((tier, sum)) = tier_weights.iter().find(|(_, w)| **w > MAX_TIER_WEIGHT) {
+            return Err(err(
+                "instances[].weight",
+                format!(
+                    "weights in priority tier {tier} add up to {sum}; keep each tier at or under {MAX_TIER_WEIGHT}"
+                ),
+            ));
+        }
+        let routing = Routing {
+            max_attempts: match raw.max_attempts {
+                Some(0) => return Err(err("max_attempts", "must be greater than 0".into())),
+                Some(n) => n.min(instances.len()),
+                None => instances.len(),
+            },
+            attempt_deadline: raw.attempt_deadline_ms.filter(|ms| *ms > 0).map(Duration::from_millis),
+            default_cooldown: Duration::from_millis(raw.cooldown_ms.unwrap_or(DEFAULT_COOLDOWN_MS)),
+            max_cooldown: Duration::from_millis(raw.max_cooldown_ms.unwrap_or(DEFAULT_MAX_COOLDOWN_MS)),
+            circuit_failures: raw.circuit_failures.unwrap_or(DEFAULT_CIRCUIT_FAILURES),
+            circuit_open: Duration::from_millis(raw.circuit_open_ms.unwrap_or(DEFAULT_CIRCUIT_OPEN_MS).max(1)),
+            circuit_max_open: Duration::from_millis(
+                raw.circuit_max_open_ms.unwrap_or(DEFAULT_CIRCUIT_MAX_OPEN_MS).max(1),
+            ),
+        };
 
         let header_name = header_field(raw.header_name, "header_name").map_err(|m| err("header_name", m))?;
         let client_header_name =
@@ -346,6 +474,7 @@ impl Config {
                 raw.max_tracked_clients.unwrap_or(DEFAULT_MAX_TRACKED_CLIENTS),
                 "max_tracked_clients",
             )?,
+            routing,
         };
         Ok(config)
     }
@@ -394,6 +523,11 @@ fn header_field(value: Option<String>, field: &str) -> Result<String, String> {
 /// RFC 9110 `tchar`.
 pub fn is_token_byte(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+/// A deployment name or api-version: safe to splice into a path or query as it is.
+fn is_path_segment(v: &str) -> bool {
+    !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
 }
 
 fn is_header_value(v: &str) -> bool {

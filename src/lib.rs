@@ -22,6 +22,8 @@ pub mod request_id;
 pub mod serve;
 pub mod server;
 pub mod state;
+pub mod stream;
+pub mod upstream;
 
 pub use config::Config;
 pub use server::{start, Server};

@@ -1,30 +1,22 @@
-//! One proxied request: try the instances in the balancer's order, retrying on transient failures, then copy
-//! the chosen upstream response to the client as it arrives; or, when every attempt failed, answer with the
-//! fallback error JSON that lists the attempts.
+//! One proxied request: try the instances in the balancer's order, retrying on transient failures, then hand
+//! the chosen answer to `stream`; or, when every attempt failed, answer with the fallback error JSON that lists
+//! the attempts.
 //!
 //! What is retried: 429, 500, 502, 503, 504, and 401/403/404 (an auth or missing-deployment error on one
 //! instance may succeed on another), plus connection, DNS and TLS errors and timeouts before the response head.
 //! Once the head has been written to the client nothing is retried: the client sees the stream or an error.
 
-use std::cell::RefCell;
-use std::io::{self, Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use ureq::http::header::{HeaderMap, HeaderName, HeaderValue};
-use ureq::http::{self, Method};
+use ureq::http::Method;
 
-use crate::http::conn::abort;
+use crate::balancer::{Observation, Plan};
 use crate::http::parse::{Framing, Head};
-use crate::http::write::{self, Persist, ResponseHead, BROKEN_CHUNK, CHUNK_BUF, CHUNK_DATA, CHUNK_PREFIX, LAST_CHUNK};
+use crate::http::write::{self, Persist};
 use crate::state::State;
-
-/// Hop-by-hop headers (RFC 9110 §7.6.1) and the ones the proxy sets itself: never copied in either direction.
-const HOP_BY_HOP: &[&str] =
-    &["connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer", "upgrade", "host"];
-/// Request headers not forwarded besides those: framing (ureq sets it from the body), `Expect` (already
-/// answered by us; forwarding it would make ureq wait for a 100), and the ID we set ourselves.
-const REQUEST_DROP: &[&str] = &["content-length", "expect", "x-ms-client-request-id"];
+use crate::stream::stream_response;
+use crate::upstream::{self, classify, error_snippet, retry_after, FailureKind};
 
 const INVALID: &str = "invalid_request_error";
 
@@ -52,16 +44,6 @@ pub enum Outcome {
     Failed { kind: FailureKind, detail: String },
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FailureKind {
-    Timeout,
-    Connect,
-    Dns,
-    Tls,
-    Io,
-    Other,
-}
-
 /// What happened to the request, for the access log and the keep-alive decision.
 #[derive(Debug)]
 pub struct Relayed {
@@ -78,35 +60,58 @@ pub struct Relayed {
 /// Runs the attempts and writes the answer to `client`. Never fails: every outcome becomes a response (or, if
 /// the client is gone, a note in the access log).
 pub fn relay(state: &State, ex: &Exchange, client: &mut TcpStream, persist: Persist) -> Relayed {
+    let rid = ex.request_id;
     let method = match Method::from_bytes(ex.head.method.as_bytes()) {
         Ok(m) => m,
-        Err(_) => return respond_error(client, ex.request_id, 400, INVALID, "invalid method", &[], persist),
+        Err(_) => return respond_error(client, rid, 400, INVALID, "invalid method", &[], persist),
     };
-    let headers = match forward_headers(state, ex) {
+    let headers = match upstream::forward_headers(state, ex) {
         Ok(h) => h,
         Err(name) => {
             let msg = format!("header {name} cannot be forwarded");
-            return respond_error(client, ex.request_id, 400, INVALID, &msg, &[], persist);
+            return respond_error(client, rid, 400, INVALID, &msg, &[], persist);
         }
     };
     let instances = &state.config.instances;
+    let deployment = upstream::requested_deployment(state, ex.head, ex.body);
+    let order = match state.balancer.plan(|i| upstream::eligible(&instances[i], deployment.as_deref())) {
+        Plan::Try(order) => order,
+        Plan::NoneEligible => {
+            let msg = format!("no instance serves deployment {:?}", deployment.unwrap_or_default());
+            return respond_error(client, rid, 404, "not_found_error", &msg, &[], persist);
+        }
+        Plan::NoneAvailable { retry_after, all_cooling } => {
+            return unavailable(client, rid, retry_after, all_cooling, persist);
+        }
+    };
+    let started = Instant::now();
+    let total = order.len();
     let mut attempts: Vec<Attempt> = Vec::new();
-    let total = instances.len();
-    for (n, idx) in state.balancer.order().enumerate() {
+    for (n, &idx) in order.iter().enumerate() {
+        if let Some(deadline) = state.config.routing.attempt_deadline.filter(|d| n > 0 && started.elapsed() >= *d) {
+            log::warn!("{rid} attempt_deadline_ms={} reached after {n} attempt(s)", deadline.as_millis());
+            break;
+        }
+        // It may have started cooling down, or be half-open with its one probe taken, since the plan was made.
+        if !state.balancer.acquire(idx) {
+            continue;
+        }
         let inst = &instances[idx];
-        let started = Instant::now();
-        let result = send(state, idx, &method, &headers, ex);
-        let elapsed = started.elapsed();
+        let target = upstream::target_for(inst, &ex.head.target, deployment.as_deref());
+        let body = upstream::body_for(inst, ex.head, ex.body, deployment.as_deref());
+        let t0 = Instant::now();
+        let result = upstream::send(state, idx, &method, &headers, &target, &body, ex.framing);
+        let elapsed = t0.elapsed();
         match result {
             Ok(resp) => {
                 let status = resp.status().as_u16();
+                let retry_after = retry_after(resp.headers());
+                state.balancer.observe(idx, Observation::Answered { status, retry_after });
                 let last = n + 1 == total;
                 if RETRYABLE.contains(&status) && !(last && is_unanimous_client_error(status, &attempts)) {
-                    let retry_after = retry_after(resp.headers());
                     let snippet = error_snippet(resp, state.config.error_body_max_bytes);
                     log::warn!(
-                        "{} attempt {}/{total} instance={} status={status} elapsed_ms={} body={:?}",
-                        ex.request_id,
+                        "{rid} attempt {}/{total} instance={} status={status} elapsed_ms={} body={:?}",
                         n + 1,
                         inst.name,
                         elapsed.as_millis(),
@@ -118,15 +123,15 @@ pub fn relay(state: &State, ex: &Exchange, client: &mut TcpStream, persist: Pers
                 }
                 let mut relayed = stream_response(resp, ex, client, persist);
                 relayed.instance = Some(inst.name.clone());
-                relayed.attempts = n + 1;
+                relayed.attempts = attempts.len() + 1;
                 return relayed;
             }
             Err(e) => {
+                state.balancer.observe(idx, Observation::Unreachable);
                 let (kind, detail) = classify(&e);
                 let detail = state.redact(&detail);
                 log::warn!(
-                    "{} attempt {}/{total} instance={} error={kind:?} elapsed_ms={} detail={detail:?}",
-                    ex.request_id,
+                    "{rid} attempt {}/{total} instance={} error={kind:?} elapsed_ms={} detail={detail:?}",
                     n + 1,
                     inst.name,
                     elapsed.as_millis()
@@ -139,7 +144,44 @@ pub fn relay(state: &State, ex: &Exchange, client: &mut TcpStream, persist: Pers
             }
         }
     }
+    if attempts.is_empty() {
+        // Every planned instance became unavailable before its attempt could start.
+        return unavailable(client, rid, Duration::from_secs(1), false, persist);
+    }
     fallback(client, ex, &attempts, persist)
+}
+
+/// Nothing can take the request now: 429 when every instance is cooling down after throttling (the client should
+/// wait as Azure asked), 503 when circuits are open; `Retry-After` says when the first one is back. No instance
+/// is called: answering at once beats a round trip that is known to fail.
+fn unavailable(
+    client: &mut TcpStream,
+    rid: &str,
+    retry_after: Duration,
+    all_cooling: bool,
+    persist: Persist,
+) -> Relayed {
+    let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
+    let secs = secs.max(1).to_string();
+    let (status, kind, code, message) = if all_cooling {
+        (
+            429,
+            "rate_limit_error",
+            "all_instances_cooling_down",
+            "every instance is throttled; retry after the time given",
+        )
+    } else {
+        (
+            503,
+            "upstream_unavailable",
+            "no_instance_available",
+            "no instance is available now; retry after the time given",
+        )
+    };
+    let mut body = write::error_json(message, kind, code, rid);
+    body["error"]["attempts"] = serde_json::Value::Array(Vec::new());
+    log::warn!("{rid} no instance available; answering {status} with Retry-After {secs}");
+    respond_json(client, rid, status, &body, &[("Retry-After", &secs)], persist)
 }
 
 /// When every instance gave the same 401, 403 or 404, that answer is the truth about the request (a deployment
@@ -149,257 +191,11 @@ fn is_unanimous_client_error(status: u16, earlier: &[Attempt]) -> bool {
         && earlier.iter().all(|a| matches!(a.outcome, Outcome::Status { status: s, .. } if s == status))
 }
 
-/// The client's headers minus hop-by-hop ones, those named in `Connection`, the client key and any instance-key
-/// header the client sent; plus our request ID. The instance key is added per attempt.
-fn forward_headers(state: &State, ex: &Exchange) -> Result<HeaderMap, String> {
-    let cfg = &state.config;
-    let named_in_connection = ex.head.tokens("connection");
-    let mut map = HeaderMap::with_capacity(ex.head.headers.len() + 2);
-    for (name, value) in &ex.head.headers {
-        let n = name.as_str();
-        if HOP_BY_HOP.contains(&n)
-            || REQUEST_DROP.contains(&n)
-            || n == cfg.client_header_name
-            || n == cfg.header_name
-            || named_in_connection.iter().any(|c| c == n)
-        {
-            continue;
-        }
-        let name = HeaderName::from_bytes(n.as_bytes()).map_err(|_| n.to_string())?;
-        let value = HeaderValue::from_bytes(value).map_err(|_| n.to_string())?;
-        map.append(name, value);
-    }
-    let id = HeaderValue::from_str(ex.request_id).map_err(|_| "x-request-id".to_string())?;
-    map.insert("x-ms-client-request-id", id);
-    Ok(map)
-}
-
-fn send(
-    state: &State,
-    idx: usize,
-    method: &Method,
-    headers: &HeaderMap,
-    ex: &Exchange,
-) -> Result<http::Response<ureq::Body>, ureq::Error> {
-    let mut req = http::Request::builder()
-        .method(method.clone())
-        .uri(format!("{}{}", state.config.instances[idx].endpoint, ex.head.target))
-        .body(())
-        .map_err(ureq::Error::from)?;
-    *req.headers_mut() = headers.clone();
-    req.headers_mut().insert(state.key_header.clone(), state.instance_keys[idx].clone());
-    let (parts, ()) = req.into_parts();
-    // A request that had no body framing goes out with none; otherwise the exact bytes, with a Content-Length.
-    match ex.framing {
-        Framing::None => state.agent.run(http::Request::from_parts(parts, ())),
-        Framing::Length(_) | Framing::Chunked => state.agent.run(http::Request::from_parts(parts, ex.body)),
-    }
-}
-
-/// How the response body is delimited towards the client.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Out {
-    Empty,
-    Length(u64),
-    Chunked,
-    UntilClose,
-}
-
-/// Writes the upstream response head, then copies its body: one read, one write, as soon as bytes arrive.
-fn stream_response(
-    resp: http::Response<ureq::Body>,
-    ex: &Exchange,
-    client: &mut TcpStream,
-    persist: Persist,
-) -> Relayed {
-    let (parts, body) = resp.into_parts();
-    let status = parts.status.as_u16();
-    let no_body = ex.head.method == "HEAD" || status == 204 || status == 304 || status < 200;
-    let upstream_len = parts.headers.get("content-length").and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok());
-    let http10 = ex.head.minor_version == 0;
-    let out = match (no_body, upstream_len) {
-        (true, _) => Out::Empty,
-        (false, Some(n)) => Out::Length(n),
-        (false, None) if !http10 => Out::Chunked,
-        (false, None) => Out::UntilClose,
-    };
-    let persist = if out == Out::UntilClose { Persist::Close } else { persist };
-
-    let mut head = ResponseHead::new(status);
-    let named_in_connection: Vec<String> = parts
-        .headers
-        .get_all("connection")
-        .iter()
-        .flat_map(|v| {
-            v.as_bytes().split(|b| *b == b',').map(|t| String::from_utf8_lossy(t).trim().to_ascii_lowercase())
-        })
-        .collect();
-    for (name, value) in &parts.headers {
-        let n = name.as_str();
-        if HOP_BY_HOP.contains(&n) || n == "content-length" || named_in_connection.iter().any(|c| c == n) {
-            continue;
-        }
-        // Ours is the client-facing ID; Azure's own is kept under another name for support tickets.
-        let n = if n == "x-request-id" { "x-upstream-request-id" } else { n };
-        head.header(n, value.as_bytes());
-    }
-    match out {
-        Out::Length(n) => {
-            head.header("Content-Length", n.to_string().as_bytes());
-        }
-        // HEAD and 304 describe the body they stand for; 204 and 1xx must not carry a length (RFC 9110 §8.6).
-        Out::Empty if status == 204 || status < 200 => {}
-        Out::Empty => {
-            if let Some(n) = upstream_len {
-                head.header("Content-Length", n.to_string().as_bytes());
-            }
-        }
-        Out::Chunked => {
-            head.header("Transfer-Encoding", b"chunked");
-        }
-        Out::UntilClose => {}
-    }
-    head.header("x-request-id", ex.request_id.as_bytes());
-    persist.apply(&mut head);
-    let mut relayed =
-        Relayed { status, instance: None, attempts: 0, bytes: 0, reusable: persist != Persist::Close, note: None };
-    let head = head.finish();
-    // A body of known length (a non-streamed completion) is normally already here with its head: send both in
-    // one write, one packet, one client wake-up. Any other body may take long to start (an SSE stream waits for
-    // the first token), so its head goes out at once.
-    let pending_head = if matches!(out, Out::Length(_)) {
-        head
-    } else {
-        if client.write_all(&head).is_err() {
-            return relayed.gone();
-        }
-        Vec::new()
-    };
-    if out == Out::Empty {
-        return relayed;
-    }
-    copy_body(body.into_reader(), client, out, pending_head, &mut relayed);
-    relayed
-}
-
 impl Relayed {
-    fn gone(mut self) -> Relayed {
+    pub fn gone(mut self) -> Relayed {
         self.reusable = false;
         self.note = Some("client_gone");
         self
-    }
-}
-
-thread_local! {
-    /// Each worker's copy buffer, allocated once: a fresh zeroed 16 KiB per response was measurable at 20k req/s.
-    static COPY_BUF: RefCell<Vec<u8>> = RefCell::new(vec![0u8; CHUNK_BUF]);
-}
-
-/// Copies the upstream body to the client, one write per read; `pending_head` (possibly empty) goes out with the
-/// first write.
-fn copy_body(reader: impl Read, client: &mut TcpStream, out: Out, pending_head: Vec<u8>, relayed: &mut Relayed) {
-    COPY_BUF.with_borrow_mut(|buf| copy_with(buf, reader, client, out, pending_head, relayed));
-}
-
-fn copy_with(
-    buf: &mut [u8],
-    mut reader: impl Read,
-    client: &mut TcpStream,
-    out: Out,
-    mut pending_head: Vec<u8>,
-    relayed: &mut Relayed,
-) {
-    loop {
-        let n = match reader.read(&mut buf[CHUNK_PREFIX..CHUNK_PREFIX + CHUNK_DATA]) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => {
-                // The client must see an error, never a clean end: a truncated completion that looks whole is
-                // worse than a failed one.
-                log::warn!("upstream body broke after {} bytes: {e}", relayed.bytes);
-                relayed.reusable = false;
-                relayed.note = Some("upstream_broke");
-                match out {
-                    Out::Chunked => {
-                        let _ = client.write_all(BROKEN_CHUNK);
-                    }
-                    Out::UntilClose => abort(client),
-                    Out::Length(_) | Out::Empty => {}
-                }
-                return;
-            }
-        };
-        let written = match out {
-            Out::Chunked => {
-                let range = write::frame_chunk(buf, n);
-                client.write_all(&buf[range])
-            }
-            _ => write_both(client, &std::mem::take(&mut pending_head), &buf[CHUNK_PREFIX..CHUNK_PREFIX + n]),
-        };
-        if let Err(e) = written {
-            log::info!("client went away after {} bytes: {e}; dropping the upstream stream", relayed.bytes);
-            relayed.reusable = false;
-            relayed.note = Some("client_gone");
-            return; // dropping `reader` closes the upstream connection, so the model stops generating for nobody
-        }
-        relayed.bytes += n as u64;
-    }
-    let tail = if out == Out::Chunked { LAST_CHUNK } else { &[][..] };
-    if write_both(client, &pending_head, tail).is_err() {
-        relayed.reusable = false;
-        relayed.note = Some("client_gone");
-    }
-}
-
-/// Writes `a` then `b`, in one system call when the socket takes it all.
-fn write_both(stream: &mut TcpStream, a: &[u8], b: &[u8]) -> io::Result<()> {
-    let n = stream.write_vectored(&[io::IoSlice::new(a), io::IoSlice::new(b)])?;
-    if n < a.len() {
-        stream.write_all(&a[n..])?;
-        stream.write_all(b)
-    } else {
-        stream.write_all(&b[n - a.len()..])
-    }
-}
-
-/// `retry-after-ms` / `x-ms-retry-after-ms` (milliseconds, Azure's), else `Retry-After` in seconds.
-fn retry_after(headers: &HeaderMap) -> Option<Duration> {
-    let num = |name: &str| headers.get(name)?.to_str().ok()?.trim().parse::<f64>().ok().filter(|v| *v >= 0.0);
-    num("retry-after-ms")
-        .or_else(|| num("x-ms-retry-after-ms"))
-        .map(|ms| Duration::from_secs_f64(ms / 1000.0))
-        .or_else(|| num("retry-after").map(Duration::from_secs_f64))
-}
-
-/// The first `max` bytes of an error body, for the log line; the rest is not read.
-fn error_snippet(resp: http::Response<ureq::Body>, max: usize) -> String {
-    let mut bytes = Vec::new();
-    let _ = resp.into_body().into_reader().take(max as u64).read_to_end(&mut bytes);
-    String::from_utf8_lossy(&bytes).into_owned()
-}
-
-/// Sorts a ureq error into the kind that decides the fallback status, with a detail for humans.
-pub fn classify(e: &ureq::Error) -> (FailureKind, String) {
-    match e {
-        ureq::Error::Timeout(t) => (FailureKind::Timeout, format!("timeout: {t}")),
-        ureq::Error::HostNotFound => (FailureKind::Dns, "host not found".into()),
-        ureq::Error::Rustls(t) => (FailureKind::Tls, format!("tls: {t}")),
-        ureq::Error::Tls(t) => (FailureKind::Tls, format!("tls: {t}")),
-        ureq::Error::Io(io) => {
-            if let Some(tls) = io.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
-                return (FailureKind::Tls, format!("tls: {tls}"));
-            }
-            let text = io.to_string();
-            let kind = match io.kind() {
-                io::ErrorKind::ConnectionRefused => FailureKind::Connect,
-                io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock => FailureKind::Timeout,
-                _ if text.contains("failed to lookup address") => FailureKind::Dns,
-                _ => FailureKind::Io,
-            };
-            (kind, text)
-        }
-        other => (FailureKind::Other, other.to_string()),
     }
 }
 

@@ -13,6 +13,8 @@ pub struct State {
     pub agent: Agent,
     pub balancer: Balancer,
     pub guard: Guard,
+    /// Whether any instance maps or restricts deployment names (only then is a v1 body read for its `model`).
+    pub maps_deployments: bool,
     /// `config.header_name`, parsed once.
     pub key_header: HeaderName,
     /// Each instance's key as a header value, parsed once and marked sensitive (hidden from `Debug`).
@@ -36,7 +38,8 @@ impl State {
         secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
         Ok(State {
             agent: build_agent(&config),
-            balancer: Balancer::new(config.instances.len()),
+            balancer: Balancer::new(&config.instances, &config.routing),
+            maps_deployments: config.instances.iter().any(|i| !i.deployments.is_empty() || i.deployments_only),
             guard: Guard::new(&config),
             key_header,
             instance_keys,

@@ -1,0 +1,174 @@
+//! Writing the chosen upstream answer to the client: our own head (filtered headers, framing, request ID),
+//! then the body, one write per upstream read, so that SSE events reach the client as the model emits them.
+//! When the upstream breaks mid-body the client sees an error, never a clean end; when the client goes away,
+//! the upstream reader is dropped at once.
+
+use std::cell::RefCell;
+use std::io::{self, Read, Write};
+use std::net::TcpStream;
+
+use ureq::http;
+
+use crate::http::conn::abort;
+use crate::http::write::{self, Persist, ResponseHead, BROKEN_CHUNK, CHUNK_BUF, CHUNK_DATA, CHUNK_PREFIX, LAST_CHUNK};
+use crate::relay::{Exchange, Relayed};
+use crate::upstream::HOP_BY_HOP;
+
+/// How the response body is delimited towards the client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Out {
+    Empty,
+    Length(u64),
+    Chunked,
+    UntilClose,
+}
+
+/// Writes the upstream response head, then copies its body: one read, one write, as soon as bytes arrive.
+pub fn stream_response(
+    resp: http::Response<ureq::Body>,
+    ex: &Exchange,
+    client: &mut TcpStream,
+    persist: Persist,
+) -> Relayed {
+    let (parts, body) = resp.into_parts();
+    let status = parts.status.as_u16();
+    let no_body = ex.head.method == "HEAD" || status == 204 || status == 304 || status < 200;
+    let upstream_len = parts.headers.get("content-length").and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok());
+    let http10 = ex.head.minor_version == 0;
+    let out = match (no_body, upstream_len) {
+        (true, _) => Out::Empty,
+        (false, Some(n)) => Out::Length(n),
+        (false, None) if !http10 => Out::Chunked,
+        (false, None) => Out::UntilClose,
+    };
+    let persist = if out == Out::UntilClose { Persist::Close } else { persist };
+
+    let mut head = ResponseHead::new(status);
+    let named_in_connection: Vec<String> = parts
+        .headers
+        .get_all("connection")
+        .iter()
+        .flat_map(|v| {
+            v.as_bytes().split(|b| *b == b',').map(|t| String::from_utf8_lossy(t).trim().to_ascii_lowercase())
+        })
+        .collect();
+    for (name, value) in &parts.headers {
+        let n = name.as_str();
+        if HOP_BY_HOP.contains(&n) || n == "content-length" || named_in_connection.iter().any(|c| c == n) {
+            continue;
+        }
+        // Ours is the client-facing ID; Azure's own is kept under another name for support tickets.
+        let n = if n == "x-request-id" { "x-upstream-request-id" } else { n };
+        head.header(n, value.as_bytes());
+    }
+    match out {
+        Out::Length(n) => {
+            head.header("Content-Length", n.to_string().as_bytes());
+        }
+        // HEAD and 304 describe the body they stand for; 204 and 1xx must not carry a length (RFC 9110 §8.6).
+        Out::Empty if status == 204 || status < 200 => {}
+        Out::Empty => {
+            if let Some(n) = upstream_len {
+                head.header("Content-Length", n.to_string().as_bytes());
+            }
+        }
+        Out::Chunked => {
+            head.header("Transfer-Encoding", b"chunked");
+        }
+        Out::UntilClose => {}
+    }
+    head.header("x-request-id", ex.request_id.as_bytes());
+    persist.apply(&mut head);
+    let mut relayed =
+        Relayed { status, instance: None, attempts: 0, bytes: 0, reusable: persist != Persist::Close, note: None };
+    let head = head.finish();
+    // A body of known length (a non-streamed completion) is normally already here with its head: send both in
+    // one write, one packet, one client wake-up. Any other body may take long to start (an SSE stream waits for
+    // the first token), so its head goes out at once.
+    let pending_head = if matches!(out, Out::Length(_)) {
+        head
+    } else {
+        if client.write_all(&head).is_err() {
+            return relayed.gone();
+        }
+        Vec::new()
+    };
+    if out == Out::Empty {
+        return relayed;
+    }
+    copy_body(body.into_reader(), client, out, pending_head, &mut relayed);
+    relayed
+}
+
+thread_local! {
+    /// Each worker's copy buffer, allocated once: a fresh zeroed 16 KiB per response was measurable at 20k req/s.
+    static COPY_BUF: RefCell<Vec<u8>> = RefCell::new(vec![0u8; CHUNK_BUF]);
+}
+
+/// Copies the upstream body to the client, one write per read; `pending_head` (possibly empty) goes out with the
+/// first write.
+fn copy_body(reader: impl Read, client: &mut TcpStream, out: Out, pending_head: Vec<u8>, relayed: &mut Relayed) {
+    COPY_BUF.with_borrow_mut(|buf| copy_with(buf, reader, client, out, pending_head, relayed));
+}
+
+fn copy_with(
+    buf: &mut [u8],
+    mut reader: impl Read,
+    client: &mut TcpStream,
+    out: Out,
+    mut pending_head: Vec<u8>,
+    relayed: &mut Relayed,
+) {
+    loop {
+        let n = match reader.read(&mut buf[CHUNK_PREFIX..CHUNK_PREFIX + CHUNK_DATA]) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                // The client must see an error, never a clean end: a truncated completion that looks whole is
+                // worse than a failed one.
+                log::warn!("upstream body broke after {} bytes: {e}", relayed.bytes);
+                relayed.reusable = false;
+                relayed.note = Some("upstream_broke");
+                match out {
+                    Out::Chunked => {
+                        let _ = client.write_all(BROKEN_CHUNK);
+                    }
+                    Out::UntilClose => abort(client),
+                    Out::Length(_) | Out::Empty => {}
+                }
+                return;
+            }
+        };
+        let written = match out {
+            Out::Chunked => {
+                let range = write::frame_chunk(buf, n);
+                client.write_all(&buf[range])
+            }
+            _ => write_both(client, &std::mem::take(&mut pending_head), &buf[CHUNK_PREFIX..CHUNK_PREFIX + n]),
+        };
+        if let Err(e) = written {
+            log::info!("client went away after {} bytes: {e}; dropping the upstream stream", relayed.bytes);
+            relayed.reusable = false;
+            relayed.note = Some("client_gone");
+            return; // dropping `reader` closes the upstream connection, so the model stops generating for nobody
+        }
+        relayed.bytes += n as u64;
+    }
+    let tail = if out == Out::Chunked { LAST_CHUNK } else { &[][..] };
+    if write_both(client, &pending_head, tail).is_err() {
+        relayed.reusable = false;
+        relayed.note = Some("client_gone");
+    }
+}
+
+/// Writes `a` then `b`, in one system call when the socket takes it all.
+fn write_both(stream: &mut TcpStream, a: &[u8], b: &[u8]) -> io::Result<()> {
+    let n = stream.write_vectored(&[io::IoSlice::new(a), io::IoSlice::new(b)])?;
+    if n < a.len() {
+        stream.write_all(&a[n..])?;
+        stream.write_all(b)
+    } else {
+        stream.write_all(&b[n - a.len()..])
+    }
+}
