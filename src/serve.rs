@@ -5,6 +5,7 @@
 use std::io::Write;
 use std::time::Instant;
 
+use crate::balancer::Unavailable;
 use crate::guard::Verdict;
 use crate::http::body::{self, BodyError};
 use crate::http::parse::{is_safe_origin_form, Framing, FramingError, Head};
@@ -97,6 +98,10 @@ fn handle(state: &State, conn: &mut Conn, head: &Head, rid: &str, persist: Persi
     if path == "/healthz" && head.method == "GET" {
         let body = serde_json::json!({"status": "ok"});
         return relay::respond_json(&mut conn.stream, rid, 200, &body, &[], early);
+    }
+    if path == "/readyz" && head.method == "GET" {
+        let (status, body) = readiness(state);
+        return relay::respond_json(&mut conn.stream, rid, status, &body, &[], early);
     }
     if !path.starts_with("/openai/") {
         return relay::respond_error(
@@ -198,6 +203,31 @@ fn handle(state: &State, conn: &mut Conn, head: &Head, rid: &str, persist: Persi
 
     let ex = Exchange { head, framing, body: &body, request_id: rid };
     relay::relay(state, &ex, &mut conn.stream, persist)
+}
+
+/// 200 while at least one instance can take a request now, else 503 with each instance's state.
+fn readiness(state: &State) -> (u16, serde_json::Value) {
+    let instances: Vec<serde_json::Value> = state
+        .balancer
+        .snapshot()
+        .into_iter()
+        .map(|(name, why)| match why {
+            None => serde_json::json!({"name": name, "state": "available"}),
+            Some(Unavailable::CoolingDown(d)) => {
+                serde_json::json!({"name": name, "state": "cooling_down", "retry_after_ms": d.as_millis() as u64})
+            }
+            Some(Unavailable::CircuitOpen(d)) => {
+                serde_json::json!({"name": name, "state": "circuit_open", "retry_after_ms": d.as_millis() as u64})
+            }
+        })
+        .collect();
+    let ready = instances.iter().any(|i| i["state"] == "available");
+    let body = if ready {
+        serde_json::json!({"status": "ready", "instances": instances})
+    } else {
+        serde_json::json!({"status": "unavailable", "reason": "every instance is cooling down or its circuit is open", "instances": instances})
+    };
+    (if ready { 200 } else { 503 }, body)
 }
 
 /// The path as it may appear in a log line: at most 256 characters; it is already visible ASCII when valid.
