@@ -5,7 +5,7 @@ MUSL_TARGET := x86_64-unknown-linux-musl
 VENV := target/venv
 PYTHON ?= python3
 
-.PHONY: help build static test e2e run demo fmt lint clean
+.PHONY: help build static test e2e run demo bench fmt lint clean
 
 help:
 	@echo "make build    release build: target/release/azure-proxy"
@@ -14,6 +14,7 @@ help:
 	@echo "make e2e      only the end-to-end test"
 	@echo "make run      run the proxy with CONFIG=$(CONFIG)"
 	@echo "make demo     a guided tour with two mock instances and curl (scripts/demo.sh)"
+	@echo "make bench    benchmark vs nginx: req/s, latency, SSE, memory, start-up -> bench/results/latest.md"
 	@echo "make fmt      check formatting;  make lint: clippy with warnings as errors"
 	@echo "make clean    remove target/"
 
@@ -47,6 +48,10 @@ run:
 
 demo:
 	bash scripts/demo.sh
+
+# Knobs: BENCH_DURATION (s, default 5), BENCH_ROUNDS (3), BENCH_CONNS ("1 16 64"); see bench/README.md.
+bench:
+	BENCH_COMMAND="make bench" bash bench/run.sh
 
 fmt:
 	cargo fmt --all -- --check

@@ -1,6 +1,9 @@
 //! A standalone mock Azure OpenAI instance (the same mock the tests use).
 //!
-//! `mock_azure --listen 127.0.0.1:PORT --key KEY [--name NAME] [--event-delay-ms N]`
+//! `mock_azure --listen 127.0.0.1:PORT --key KEY [--name NAME] [--event-delay-ms N] [--events N]`
+//!
+//! `--events N` (N >= 4): a streamed reply has exactly N `data:` events (role, N-3 content events, stop,
+//! `[DONE]`); without it the reply is "Hello from NAME", one content event per word.
 //!
 //! Prints `mock_azure NAME listening on http://ADDR` once bound, then serves forever.
 #![allow(dead_code)]
@@ -13,13 +16,15 @@ use std::process::exit;
 use std::time::Duration;
 
 const USAGE: &str =
-    "usage: mock_azure --listen 127.0.0.1:PORT --key KEY [--name NAME] [--event-delay-ms N (default 100)]";
+    "usage: mock_azure --listen 127.0.0.1:PORT --key KEY [--name NAME] [--event-delay-ms N (default 100)] \
+     [--events N (>= 4: data events per streamed reply)]";
 
 struct Args {
     listen: String,
     key: String,
     name: String,
     event_delay_ms: u64,
+    events: Option<usize>,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -27,6 +32,7 @@ fn parse_args() -> Result<Args, String> {
     let mut key = None;
     let mut name = None;
     let mut event_delay_ms = 100u64;
+    let mut events = None;
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         // Accept both `--flag value` and `--flag=value`.
@@ -47,6 +53,14 @@ fn parse_args() -> Result<Args, String> {
                 let v = value()?;
                 event_delay_ms = v.parse().map_err(|_| format!("--event-delay-ms: not a number: {v:?}"))?;
             }
+            "--events" => {
+                let v = value()?;
+                let n: usize = v.parse().map_err(|_| format!("--events: not a number: {v:?}"))?;
+                if n < 4 {
+                    return Err(format!("--events: must be at least 4 (role, content, stop, [DONE]), got {n}"));
+                }
+                events = Some(n);
+            }
             other => return Err(format!("unknown argument {other:?}")),
         }
     }
@@ -55,6 +69,7 @@ fn parse_args() -> Result<Args, String> {
         key: key.ok_or("--key is required")?,
         name: name.unwrap_or_else(|| "mock".to_string()),
         event_delay_ms,
+        events,
     })
 }
 
@@ -66,8 +81,12 @@ fn main() {
             exit(2);
         }
     };
-    let handler = mock::azure_like(&args.name, &args.key, Duration::from_millis(args.event_delay_ms));
-    let server = match mock::MockAzure::start_on(&args.listen, handler) {
+    let pause = Duration::from_millis(args.event_delay_ms);
+    let started = match args.events {
+        None => mock::MockAzure::start_on(&args.listen, mock::azure_like(&args.name, &args.key, pause)),
+        Some(n) => mock::MockAzure::start_on(&args.listen, mock::azure_like_with(&args.name, &args.key, pause, n - 3)),
+    };
+    let server = match started {
         Ok(s) => s,
         Err(e) => {
             eprintln!("mock_azure: cannot listen on {}: {e}", args.listen);

@@ -889,6 +889,43 @@ pub fn azure_like(name: &str, key: &str, event_pause: Duration) -> impl Fn(&Reco
     }
 }
 
+/// Like `azure_like`, but the reply text has exactly `n_content_events` words (the first ones from
+/// `reply_text(name)`, then `w4`, `w5`, ...), so a streamed reply has `n_content_events` content events (plus
+/// the role event, the stop event and `[DONE]`). Used by the benchmark (`mock_azure --events N`).
+pub fn azure_like_with(
+    name: &str,
+    key: &str,
+    event_pause: Duration,
+    n_content_events: usize,
+) -> impl Fn(&Recorded) -> Reply + Send + Sync + 'static {
+    let base = reply_text(name);
+    let base: Vec<&str> = base.split(' ').collect();
+    let text = (0..n_content_events)
+        .map(|i| base.get(i).map(|w| (*w).to_string()).unwrap_or_else(|| format!("w{}", i + 1)))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let inner = azure_like(name, key, event_pause);
+    let name = name.to_string();
+    move |req: &Recorded| {
+        let reply = inner(req);
+        // Only successful chat completions carry the reply text; everything else is passed on unchanged.
+        let is_chat = req.method == "POST" && req.path().ends_with("/chat/completions");
+        match reply {
+            Reply::SseWithHeaders { .. } if is_chat => {
+                let include_usage =
+                    req.json().and_then(|b| b.pointer("/stream_options/include_usage").and_then(Value::as_bool))
+                        == Some(true);
+                Reply::sse(chat_stream_events(&text, "gpt-4o", include_usage), event_pause)
+                    .with_header("x-served-by", &name)
+            }
+            Reply::Full { status: 200, .. } if is_chat => {
+                Reply::json(200, chat_completion_json(&text, "gpt-4o")).with_header("x-served-by", &name)
+            }
+            other => other,
+        }
+    }
+}
+
 /// Splits an SSE byte stream (already de-chunked) into the JSON payloads of its `data:` lines
 /// (`[DONE]` excluded).
 pub fn sse_data_json(stream: &[u8]) -> Vec<Value> {
