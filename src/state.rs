@@ -60,6 +60,9 @@ impl State {
     }
 }
 
+/// Per-connection ureq buffer size (see `build_agent`).
+const UPSTREAM_BUFFER_BYTES: usize = 16 * 1024;
+
 /// The upstream client, set up as a proxy needs it (library notes §2): statuses are answers, not errors;
 /// redirects go back to the client; no environment proxy; nothing added to the client's headers; connect,
 /// response-head and per-read timeouts only, because a whole-body timeout would cut long streams.
@@ -77,6 +80,10 @@ fn build_agent(config: &Config) -> Agent {
         .timeout_connect(Some(config.connect_timeout))
         .timeout_recv_response(Some(config.upstream_response_timeout))
         .timeout_per_read(Some(config.upstream_read_timeout))
+        // 128 KiB each by default, per upstream connection: 256 open streams held 84 MiB. The input buffer grows
+        // by itself for a larger response head; the output buffer must hold our request head.
+        .input_buffer_size(UPSTREAM_BUFFER_BYTES)
+        .output_buffer_size(UPSTREAM_BUFFER_BYTES.max(config.max_head_bytes + 1024))
         .max_idle_connections(idle_per_host * config.instances.len())
         .max_idle_connections_per_host(idle_per_host)
         .build()
