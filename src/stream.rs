@@ -156,7 +156,8 @@ fn copy_with(
         relayed.bytes += n as u64;
     }
     let tail = if out == Out::Chunked { LAST_CHUNK } else { &[][..] };
-    if write_both(client, &pending_head, tail).is_err() {
+    let nothing_left = pending_head.is_empty() && tail.is_empty();
+    if !nothing_left && write_both(client, &pending_head, tail).is_err() {
         relayed.reusable = false;
         relayed.note = Some("client_gone");
     }
