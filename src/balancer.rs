@@ -217,6 +217,12 @@ impl Balancer {
         }
     }
 
+    /// Gives back a probe claimed by `acquire` when the attempt ended for a reason that says nothing about the
+    /// instance (this process ran out of file descriptors, say).
+    pub fn release(&self, idx: usize) {
+        self.health[idx].probing.store(false, Ordering::Release);
+    }
+
     /// Each instance's name and, if it cannot take requests now, why.
     pub fn snapshot(&self) -> Vec<(&str, Option<Unavailable>)> {
         let now = self.now_ms();

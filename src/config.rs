@@ -13,6 +13,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::client_ip::Cidr;
+
 pub const DEFAULT_CONFIG_PATH: &str = "azure_instances.json";
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:8000";
 pub const DEFAULT_HEADER_NAME: &str = "api-key";
@@ -159,6 +161,8 @@ pub struct Config {
     pub max_bad_keys: u32,
     pub block_duration: Duration,
     pub max_tracked_clients: usize,
+    /// Peers whose `X-Forwarded-For` is believed (load balancers in front of the proxy); empty: none.
+    pub trusted_proxies: Vec<Cidr>,
     pub routing: Routing,
 }
 
@@ -189,6 +193,7 @@ struct FileConfig {
     max_bad_keys: Option<u32>,
     block_seconds: Option<u64>,
     max_tracked_clients: Option<usize>,
+    trusted_proxies: Option<Vec<String>>,
     max_attempts: Option<usize>,
     attempt_deadline_ms: Option<u64>,
     cooldown_ms: Option<u64>,
@@ -375,6 +380,11 @@ impl Config {
             ),
         };
 
+        let mut trusted_proxies = Vec::new();
+        for (i, text) in raw.trusted_proxies.unwrap_or_default().iter().enumerate() {
+            trusted_proxies.push(Cidr::parse(text).map_err(|m| err(&format!("trusted_proxies[{i}]"), m))?);
+        }
+
         let header_name = header_field(raw.header_name, "header_name").map_err(|m| err("header_name", m))?;
         let client_header_name =
             header_field(raw.client_header_name, "client_header_name").map_err(|m| err("client_header_name", m))?;
@@ -474,6 +484,7 @@ impl Config {
                 raw.max_tracked_clients.unwrap_or(DEFAULT_MAX_TRACKED_CLIENTS),
                 "max_tracked_clients",
             )?,
+            trusted_proxies,
             routing,
         };
         Ok(config)

@@ -65,6 +65,8 @@ pub struct Front {
     open: Arc<AtomicUsize>,
     waiting: Vec<Waiting>,
     accept_paused_until: Option<Instant>,
+    /// A spare descriptor, released to answer one client when accept fails for lack of descriptors.
+    reserve_fd: Option<std::fs::File>,
     last_fd_warning: Option<Instant>,
 }
 
@@ -85,6 +87,7 @@ impl Front {
             open: Arc::new(AtomicUsize::new(0)),
             waiting: Vec::new(),
             accept_paused_until: None,
+            reserve_fd: std::fs::File::open("/dev/null").ok(),
             last_fd_warning: None,
         };
         Ok((front, Returner { tx, wake: Arc::new(wake_tx) }))
@@ -239,6 +242,9 @@ impl Front {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
                     let out_of_fds = matches!(e.raw_os_error(), Some(libc::EMFILE) | Some(libc::ENFILE));
+                    if out_of_fds && self.refuse_one_with_reserve() {
+                        continue;
+                    }
                     let now = Instant::now();
                     if self.last_fd_warning.is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1)) {
                         log::warn!("accept failed: {e}; pausing accepts for {} ms", ACCEPT_PAUSE.as_millis());
@@ -251,6 +257,24 @@ impl Front {
                 }
             }
         }
+    }
+
+    /// Out of file descriptors, a waiting client would sit in the backlog with no answer. The classic remedy:
+    /// give up the spare descriptor kept for this, accept the client, tell it 503, close it, take the spare back.
+    /// Returns false when there is no spare (it could not be re-opened last time) or nothing to accept.
+    fn refuse_one_with_reserve(&mut self) -> bool {
+        let Some(spare) = self.reserve_fd.take() else {
+            self.reserve_fd = std::fs::File::open("/dev/null").ok();
+            return false;
+        };
+        drop(spare);
+        let accepted = self.listener.accept();
+        self.reserve_fd = std::fs::File::open("/dev/null").ok();
+        let Ok((stream, peer)) = accepted else { return false };
+        log::warn!("out of file descriptors; answering {} with 503", peer.ip());
+        let conn = Conn::new(stream, peer, &self.open);
+        canned(conn, 503, "the proxy is out of file descriptors; retry shortly", &[("Retry-After", "1")]);
+        true
     }
 
     fn admit(&mut self, stream: TcpStream, peer: std::net::SocketAddr) {

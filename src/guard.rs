@@ -3,7 +3,8 @@
 //!
 //! The table's mutex is held only for a hash-map lookup or update, never across I/O. It is bounded by
 //! `max_tracked_clients`: when full, entries that no longer block anything are swept first; if it is still full,
-//! a new client's strikes are not recorded (blocking degrades, memory does not grow).
+//! a new client's strikes are not recorded (blocking degrades, memory does not grow). Stale entries are also
+//! swept every `SWEEP_EVERY` strikes.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -29,14 +30,31 @@ pub enum Verdict {
 struct Strikes {
     consecutive_bad: u32,
     blocked_until: Option<Instant>,
+    last_strike: Instant,
 }
+
+impl Strikes {
+    /// Whether the entry still matters: a block in force, or strikes recent enough to add up to one.
+    fn is_live(&self, now: Instant, memory: Duration) -> bool {
+        self.blocked_until.is_some_and(|u| u > now) || now.duration_since(self.last_strike) < memory
+    }
+}
+
+/// A sweep of stale entries runs every this many strikes, so the table does not wait to be full to shrink.
+const SWEEP_EVERY: u64 = 1024;
 
 pub struct Guard {
     keys: Vec<Secret>,
     max_bad_keys: u32,
     block_duration: Duration,
     max_tracked: usize,
-    table: Mutex<HashMap<IpAddr, Strikes>>,
+    table: Mutex<Table>,
+}
+
+#[derive(Default)]
+struct Table {
+    clients: HashMap<IpAddr, Strikes>,
+    strikes_since_sweep: u64,
 }
 
 impl Guard {
@@ -46,7 +64,7 @@ impl Guard {
             max_bad_keys: config.max_bad_keys,
             block_duration: config.block_duration,
             max_tracked: config.max_tracked_clients,
-            table: Mutex::new(HashMap::new()),
+            table: Mutex::new(Table::default()),
         }
     }
 
@@ -73,7 +91,7 @@ impl Guard {
 
     fn blocked_for(&self, ip: IpAddr, now: Instant) -> Option<u64> {
         let table = self.table.lock().unwrap_or_else(|p| p.into_inner());
-        let until = table.get(&ip)?.blocked_until?;
+        let until = table.clients.get(&ip)?.blocked_until?;
         let left = until.checked_duration_since(now)?;
         Some(left.as_secs() + u64::from(left.subsec_nanos() > 0))
     }
@@ -81,8 +99,8 @@ impl Guard {
     fn forgive(&self, ip: IpAddr) {
         let mut table = self.table.lock().unwrap_or_else(|p| p.into_inner());
         // Entries exist only for clients with strikes, so the happy path is one lookup on a small map.
-        if !table.is_empty() {
-            table.remove(&ip);
+        if !table.clients.is_empty() {
+            table.clients.remove(&ip);
         }
     }
 
@@ -91,14 +109,21 @@ impl Guard {
             return Verdict::BadKey;
         }
         let mut table = self.table.lock().unwrap_or_else(|p| p.into_inner());
-        if !table.contains_key(&ip) && table.len() >= self.max_tracked {
-            table.retain(|_, s| s.blocked_until.is_some_and(|u| u > now));
-            if table.len() >= self.max_tracked {
-                log::warn!("block table full ({} clients); not tracking {ip}", table.len());
-                return Verdict::BadKey;
-            }
+        // Strikes older than one block period are forgotten: they can no longer add up to a block worth having.
+        let memory = self.block_duration.max(Duration::from_secs(60));
+        table.strikes_since_sweep += 1;
+        let full = !table.clients.contains_key(&ip) && table.clients.len() >= self.max_tracked;
+        if full || table.strikes_since_sweep >= SWEEP_EVERY {
+            table.strikes_since_sweep = 0;
+            table.clients.retain(|_, s| s.is_live(now, memory));
         }
-        let entry = table.entry(ip).or_insert(Strikes { consecutive_bad: 0, blocked_until: None });
+        if !table.clients.contains_key(&ip) && table.clients.len() >= self.max_tracked {
+            log::warn!("block table full ({} clients); not tracking {ip}", table.clients.len());
+            return Verdict::BadKey;
+        }
+        let entry =
+            table.clients.entry(ip).or_insert(Strikes { consecutive_bad: 0, blocked_until: None, last_strike: now });
+        entry.last_strike = now;
         if entry.blocked_until.is_some_and(|u| u <= now) {
             entry.blocked_until = None;
         }
@@ -116,7 +141,7 @@ impl Guard {
     }
 
     pub fn tracked_clients(&self) -> usize {
-        self.table.lock().unwrap_or_else(|p| p.into_inner()).len()
+        self.table.lock().unwrap_or_else(|p| p.into_inner()).clients.len()
     }
 }
 

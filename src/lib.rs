@@ -13,6 +13,7 @@
 
 pub mod balancer;
 pub mod cli;
+pub mod client_ip;
 pub mod config;
 pub mod front;
 pub mod guard;

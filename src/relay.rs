@@ -127,8 +127,12 @@ pub fn relay(state: &State, ex: &Exchange, client: &mut TcpStream, persist: Pers
                 return relayed;
             }
             Err(e) => {
-                state.balancer.observe(idx, Observation::Unreachable);
                 let (kind, detail) = classify(&e);
+                if kind != FailureKind::Local {
+                    state.balancer.observe(idx, Observation::Unreachable);
+                } else {
+                    state.balancer.release(idx);
+                }
                 let detail = state.redact(&detail);
                 log::warn!(
                     "{rid} attempt {}/{total} instance={} error={kind:?} elapsed_ms={} detail={detail:?}",

@@ -3,9 +3,11 @@
 //! another request. Everything here runs on a worker thread with a blocking socket.
 
 use std::io::Write;
+use std::net::IpAddr;
 use std::time::Instant;
 
 use crate::balancer::Unavailable;
+use crate::client_ip;
 use crate::guard::Verdict;
 use crate::http::body::{self, BodyError};
 use crate::http::parse::{is_safe_origin_form, Framing, FramingError, Head};
@@ -24,11 +26,14 @@ pub fn serve(state: &State, mut conn: Conn, head: Head) -> Option<Conn> {
     let http10 = head.minor_version == 0;
     let persist = if wants_keep_alive { Persist::KeepAlive { http10 } } else { Persist::Close };
 
-    let relayed = handle(state, &mut conn, &head, &rid, persist);
+    let forwarded: Vec<&[u8]> =
+        head.headers.iter().filter(|(n, _)| n == "x-forwarded-for").map(|(_, v)| v.as_slice()).collect();
+    let client = client_ip::client_ip(conn.peer.ip(), &forwarded, &state.config.trusted_proxies);
+    let relayed = handle(state, &mut conn, &head, &rid, client, persist);
     log::info!(
         target: "access",
         "{rid} client={} method={} path={} status={} instance={} attempts={} duration_ms={} bytes={}{}",
-        conn.peer.ip(),
+        client,
         head.method,
         printable(head.path()),
         relayed.status,
@@ -45,7 +50,7 @@ pub fn serve(state: &State, mut conn: Conn, head: Head) -> Option<Conn> {
     }
 }
 
-fn handle(state: &State, conn: &mut Conn, head: &Head, rid: &str, persist: Persist) -> Relayed {
+fn handle(state: &State, conn: &mut Conn, head: &Head, rid: &str, client: IpAddr, persist: Persist) -> Relayed {
     let cfg = &state.config;
     // Until the body has been read, an early answer must close the connection: unread body bytes would
     // otherwise be taken for the next request.
@@ -115,7 +120,7 @@ fn handle(state: &State, conn: &mut Conn, head: &Head, rid: &str, persist: Persi
         );
     }
 
-    match state.guard.check(conn.peer.ip(), head.header(&cfg.client_header_name)) {
+    match state.guard.check(client, head.header(&cfg.client_header_name)) {
         Verdict::Allowed => {}
         Verdict::Blocked { retry_after_secs } => {
             let secs = retry_after_secs.to_string();
@@ -135,7 +140,7 @@ fn handle(state: &State, conn: &mut Conn, head: &Head, rid: &str, persist: Persi
             return relay::respond_error(&mut conn.stream, rid, 401, "authentication_error", &msg, &[], early);
         }
         Verdict::BadKey => {
-            log::warn!("{rid} invalid client key from {}", conn.peer.ip());
+            log::warn!("{rid} invalid client key from {client}");
             return relay::respond_error(
                 &mut conn.stream,
                 rid,

@@ -29,6 +29,9 @@ pub enum FailureKind {
     Dns,
     Tls,
     Io,
+    /// This process ran out of something (file descriptors, memory): not the instance's fault, so it must not
+    /// count against the instance's circuit.
+    Local,
     Other,
 }
 
@@ -223,7 +226,9 @@ pub fn classify(e: &ureq::Error) -> (FailureKind, String) {
                 return (FailureKind::Tls, format!("tls: {tls}"));
             }
             let text = io.to_string();
+            let local = [libc::EMFILE, libc::ENFILE, libc::ENOBUFS, libc::ENOMEM];
             let kind = match io.kind() {
+                _ if io.raw_os_error().is_some_and(|c| local.contains(&c)) => FailureKind::Local,
                 io::ErrorKind::ConnectionRefused => FailureKind::Connect,
                 io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock => FailureKind::Timeout,
                 _ if text.contains("failed to lookup address") => FailureKind::Dns,

@@ -63,54 +63,115 @@ fn read_length(conn: &mut Conn, n: u64, max: u64) -> Result<Vec<u8>, BodyError> 
 }
 
 fn read_chunked(conn: &mut Conn, max: u64) -> Result<Vec<u8>, BodyError> {
-    let mut body = Vec::new();
+    let mut decoder = ChunkedDecoder::new(max);
     loop {
-        let line = read_line(conn)?;
-        let size = parse_chunk_size(&line)?;
-        if size == 0 {
-            break;
+        let used = decoder.feed(&conn.buf)?;
+        conn.consume(used);
+        if decoder.is_done() {
+            return Ok(decoder.into_body());
         }
-        if (body.len() as u64).saturating_add(size) > max {
-            return Err(BodyError::TooLarge);
-        }
-        let size = size as usize; // fits: it is at most `max`, which fits in memory
-        while conn.buf.len() < size + 2 {
-            fill(conn)?;
-        }
-        if &conn.buf[size..size + 2] != b"\r\n" {
-            return Err(BodyError::Malformed("chunk data not followed by CRLF"));
-        }
-        body.extend_from_slice(&conn.buf[..size]);
-        conn.consume(size + 2);
-    }
-    let mut trailer_bytes = 0;
-    loop {
-        let line = read_line(conn)?;
-        if line.is_empty() {
-            return Ok(body);
-        }
-        trailer_bytes += line.len();
-        if trailer_bytes > MAX_TRAILER_BYTES {
-            return Err(BodyError::Malformed("chunked trailer too large"));
-        }
+        fill(conn)?;
     }
 }
 
-/// Takes one line (without its CRLF or LF) off the front of the buffer, reading more as needed.
-fn read_line(conn: &mut Conn) -> Result<Vec<u8>, BodyError> {
-    loop {
-        if let Some(nl) = conn.buf.iter().position(|b| *b == b'\n') {
-            let mut line: Vec<u8> = conn.buf[..nl].to_vec();
-            conn.consume(nl + 1);
-            if line.last() == Some(&b'\r') {
-                line.pop();
+/// An incremental decoder for a chunked body: it takes bytes as they arrive, in any split, copies chunk data
+/// straight into the body (a huge chunk is never buffered twice), and checks every size against the limit before
+/// taking a byte of it. Kept free of I/O so that it can be fuzzed.
+pub struct ChunkedDecoder {
+    state: Decoding,
+    body: Vec<u8>,
+    max: u64,
+    trailer_bytes: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Decoding {
+    /// Expecting a chunk-size line.
+    Size,
+    /// Inside a chunk's data, with this many bytes still to come.
+    Data(u64),
+    /// Expecting the CRLF that ends a chunk's data.
+    DataEnd,
+    /// After the last chunk: trailer lines until an empty one.
+    Trailer,
+    Done,
+}
+
+impl ChunkedDecoder {
+    pub fn new(max: u64) -> ChunkedDecoder {
+        ChunkedDecoder { state: Decoding::Size, body: Vec::new(), max, trailer_bytes: 0 }
+    }
+
+    /// Consumes as much of `input` as it can and returns how many bytes it used; the rest (a partial line, or
+    /// what follows the body) is for the caller to keep.
+    pub fn feed(&mut self, input: &[u8]) -> Result<usize, BodyError> {
+        let mut pos = 0;
+        loop {
+            let rest = &input[pos..];
+            match self.state {
+                Decoding::Size | Decoding::Trailer => {
+                    let Some(nl) = rest.iter().position(|b| *b == b'\n') else {
+                        if rest.len() > MAX_CHUNK_LINE {
+                            return Err(BodyError::Malformed("chunk-size or trailer line too long"));
+                        }
+                        return Ok(pos);
+                    };
+                    if nl > MAX_CHUNK_LINE {
+                        return Err(BodyError::Malformed("chunk-size or trailer line too long"));
+                    }
+                    let line = rest[..nl].strip_suffix(b"\r").unwrap_or(&rest[..nl]);
+                    pos += nl + 1;
+                    if self.state == Decoding::Trailer {
+                        if line.is_empty() {
+                            self.state = Decoding::Done;
+                            return Ok(pos);
+                        }
+                        self.trailer_bytes += line.len();
+                        if self.trailer_bytes > MAX_TRAILER_BYTES {
+                            return Err(BodyError::Malformed("chunked trailer too large"));
+                        }
+                        continue;
+                    }
+                    let size = parse_chunk_size(line)?;
+                    if size == 0 {
+                        self.state = Decoding::Trailer;
+                    } else if (self.body.len() as u64).saturating_add(size) > self.max {
+                        return Err(BodyError::TooLarge);
+                    } else {
+                        self.state = Decoding::Data(size);
+                    }
+                }
+                Decoding::Data(left) => {
+                    let take = rest.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+                    if take == 0 {
+                        return Ok(pos);
+                    }
+                    self.body.extend_from_slice(&rest[..take]);
+                    pos += take;
+                    let left = left - take as u64;
+                    self.state = if left == 0 { Decoding::DataEnd } else { Decoding::Data(left) };
+                }
+                Decoding::DataEnd => {
+                    if rest.len() < 2 {
+                        return Ok(pos);
+                    }
+                    if &rest[..2] != b"\r\n" {
+                        return Err(BodyError::Malformed("chunk data not followed by CRLF"));
+                    }
+                    pos += 2;
+                    self.state = Decoding::Size;
+                }
+                Decoding::Done => return Ok(pos),
             }
-            return Ok(line);
         }
-        if conn.buf.len() > MAX_CHUNK_LINE {
-            return Err(BodyError::Malformed("chunk-size line too long"));
-        }
-        fill(conn)?;
+    }
+
+    pub fn is_done(&self) -> bool {
+        self.state == Decoding::Done
+    }
+
+    pub fn into_body(self) -> Vec<u8> {
+        self.body
     }
 }
 
@@ -171,6 +232,21 @@ mod tests {
         assert!(matches!(read_body(&mut c, Framing::Chunked, 100), Err(BodyError::Closed)));
         let mut c = conn_with(&[b'1'; 5000]);
         assert!(matches!(read_body(&mut c, Framing::Chunked, 100), Err(BodyError::Malformed(_))));
+    }
+
+    #[test]
+    fn decoder_gives_the_same_body_for_every_split() {
+        let input = b"5;x=y\r\nhello\r\n6\r\n world\r\n0\r\nTrailer: 1\r\n\r\nNEXT";
+        for split in 0..input.len() {
+            let mut d = ChunkedDecoder::new(100);
+            let mut used = d.feed(&input[..split]).expect("first part");
+            let mut rest = input[used..].to_vec();
+            used = d.feed(&rest).expect("second part");
+            rest.drain(..used);
+            assert!(d.is_done(), "split at {split}");
+            assert_eq!(rest, b"NEXT", "split at {split}");
+            assert_eq!(d.into_body(), b"hello world", "split at {split}");
+        }
     }
 
     #[test]
