@@ -73,6 +73,8 @@ pub struct Balancer {
     tiers: Vec<Tier>,
     health: Vec<Health>,
     names: Vec<String>,
+    /// (name, endpoint) per instance: what makes an instance "the same" across a reload.
+    keys: Vec<(String, String)>,
     routing: Routing,
     origin: Instant,
 }
@@ -94,6 +96,7 @@ impl Balancer {
             tiers,
             health: instances.iter().map(|_| Health::default()).collect(),
             names: instances.iter().map(|i| i.name.clone()).collect(),
+            keys: instances.iter().map(|i| (i.name.clone(), i.endpoint.clone())).collect(),
             routing: routing.clone(),
             // One tick back, so that no real time is ever 0 ("not set").
             origin: Instant::now() - Duration::from_millis(1),
@@ -102,6 +105,32 @@ impl Balancer {
 
     fn now_ms(&self) -> u64 {
         self.origin.elapsed().as_millis() as u64
+    }
+
+    /// A balancer for a reloaded configuration: instances with the same name and endpoint keep their cooldown
+    /// and circuit state, and a tier made of the same instances keeps its round-robin position.
+    pub fn carry_over(instances: &[Instance], routing: &Routing, previous: &Balancer) -> Balancer {
+        let mut next = Balancer::new(instances, routing);
+        next.origin = previous.origin;
+        for (i, inst) in instances.iter().enumerate() {
+            let same = previous.keys.iter().position(|k| *k == (inst.name.clone(), inst.endpoint.clone()));
+            if let Some(j) = same {
+                let (old, new) = (&previous.health[j], &next.health[i]);
+                new.cooldown_until.store(old.cooldown_until.load(Ordering::Relaxed), Ordering::Relaxed);
+                new.open_until.store(old.open_until.load(Ordering::Relaxed), Ordering::Relaxed);
+                new.open_for_ms.store(old.open_for_ms.load(Ordering::Relaxed), Ordering::Relaxed);
+                new.failures.store(old.failures.load(Ordering::Relaxed), Ordering::Relaxed);
+            }
+        }
+        for tier in &next.tiers {
+            let names: Vec<&(String, String)> = tier.sequence.iter().map(|i| &next.keys[*i]).collect();
+            let twin =
+                previous.tiers.iter().find(|t| t.sequence.iter().map(|i| &previous.keys[*i]).eq(names.iter().copied()));
+            if let Some(t) = twin {
+                tier.next.store(t.next.load(Ordering::Relaxed), Ordering::Relaxed);
+            }
+        }
+        next
     }
 
     /// The instances to try for one request, among those for which `eligible` holds.

@@ -41,6 +41,8 @@ pub const DEFAULT_ERROR_BODY_MAX_BYTES: usize = 2048;
 pub const DEFAULT_MAX_BAD_KEYS: u32 = 5;
 pub const DEFAULT_BLOCK_SECONDS: u64 = 300;
 pub const DEFAULT_MAX_TRACKED_CLIENTS: usize = 100_000;
+/// How long a stop waits for requests in flight (streams included) before exiting anyway.
+pub const DEFAULT_DRAIN_SECONDS: u64 = 30;
 /// Cooldown after a 429/503 that names no retry time.
 pub const DEFAULT_COOLDOWN_MS: u64 = 1_000;
 /// Cap on any honoured retry time (a misbehaving `Retry-After: 86400` must not take an instance out for a day);
@@ -163,6 +165,8 @@ pub struct Config {
     pub max_tracked_clients: usize,
     /// Peers whose `X-Forwarded-For` is believed (load balancers in front of the proxy); empty: none.
     pub trusted_proxies: Vec<Cidr>,
+    /// On SIGTERM/SIGINT: stop accepting, finish requests in flight for at most this long, exit 0.
+    pub drain: Duration,
     pub routing: Routing,
 }
 
@@ -194,6 +198,7 @@ struct FileConfig {
     block_seconds: Option<u64>,
     max_tracked_clients: Option<usize>,
     trusted_proxies: Option<Vec<String>>,
+    drain_seconds: Option<u64>,
     max_attempts: Option<usize>,
     attempt_deadline_ms: Option<u64>,
     cooldown_ms: Option<u64>,
@@ -485,6 +490,7 @@ impl Config {
                 "max_tracked_clients",
             )?,
             trusted_proxies,
+            drain: Duration::from_secs(raw.drain_seconds.unwrap_or(DEFAULT_DRAIN_SECONDS)),
             routing,
         };
         Ok(config)

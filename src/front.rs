@@ -16,11 +16,13 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 
+use crate::config::{Config, Overrides, ProcessEnv};
 use crate::http::parse::{parse_head, HeadError};
 use crate::http::write::{error_json, write_json, Persist};
 use crate::http::{Conn, Head};
+use crate::lifecycle;
 use crate::request_id;
-use crate::state::State;
+use crate::state::Shared;
 
 /// How long to stop accepting after `accept` fails for lack of file descriptors, so that the loop does not spin.
 const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
@@ -41,6 +43,11 @@ pub struct Returner {
 }
 
 impl Returner {
+    /// The write end of the wake-up socket (signal handlers write to it too).
+    pub fn wake_fd(&self) -> std::os::fd::RawFd {
+        self.wake.as_raw_fd()
+    }
+
     pub fn give_back(&self, conn: Conn) {
         if self.tx.send(conn).is_ok() {
             // One byte is enough to wake poll; if the pipe is full a wake-up is already pending.
@@ -57,8 +64,12 @@ struct Waiting {
 }
 
 pub struct Front {
-    state: Arc<State>,
-    listener: TcpListener,
+    shared: Arc<Shared>,
+    /// None once draining: the listening socket is closed so that new clients go elsewhere at once.
+    listener: Option<TcpListener>,
+    /// Where a reload (SIGHUP) reads the configuration from; None: reload not available (embedded use).
+    reload_from: Option<Overrides>,
+    drain_deadline: Option<Instant>,
     jobs: Sender<Job>,
     returned: Receiver<Conn>,
     wake_rx: UnixStream,
@@ -72,15 +83,22 @@ pub struct Front {
 
 impl Front {
     /// Returns the front loop and the handle workers use to give connections back.
-    pub fn new(state: Arc<State>, listener: TcpListener, jobs: Sender<Job>) -> io::Result<(Front, Returner)> {
+    pub fn new(
+        shared: Arc<Shared>,
+        listener: TcpListener,
+        jobs: Sender<Job>,
+        reload_from: Option<Overrides>,
+    ) -> io::Result<(Front, Returner)> {
         listener.set_nonblocking(true)?;
         let (wake_tx, wake_rx) = UnixStream::pair()?;
         wake_tx.set_nonblocking(true)?;
         wake_rx.set_nonblocking(true)?;
         let (tx, returned) = crossbeam_channel::unbounded();
         let front = Front {
-            state,
-            listener,
+            shared,
+            listener: Some(listener),
+            reload_from,
+            drain_deadline: None,
             jobs,
             returned,
             wake_rx,
@@ -102,10 +120,19 @@ impl Front {
         let mut fds: Vec<libc::pollfd> = Vec::new();
         loop {
             let now = Instant::now();
+            if self.drain_deadline.is_some_and(|d| now >= d || self.open.load(Ordering::Relaxed) == 0) {
+                let left = self.open.load(Ordering::Relaxed);
+                log::info!("drained ({left} connection(s) still open); exiting");
+                return;
+            }
             let accepting = self.accept_paused_until.is_none_or(|t| t <= now);
+            let listen_fd = match &self.listener {
+                Some(l) if accepting => l.as_raw_fd(),
+                _ => -1,
+            };
             fds.clear();
             fds.push(pollfd(self.wake_rx.as_raw_fd()));
-            fds.push(pollfd(if accepting { self.listener.as_raw_fd() } else { -1 }));
+            fds.push(pollfd(listen_fd));
             fds.extend(self.waiting.iter().map(|w| pollfd(w.conn.stream.as_raw_fd())));
             let next_deadline = self.waiting.iter().map(|w| w.deadline).min();
             let wait = next_deadline
@@ -135,10 +162,42 @@ impl Front {
             if fds[0].revents != 0 {
                 self.take_returned();
             }
+            if lifecycle::take_reload() {
+                self.reload();
+            }
+            if lifecycle::stop_requested() && self.drain_deadline.is_none() {
+                self.begin_drain();
+            }
             if fds[1].revents != 0 {
                 self.accept_all();
             }
         }
+    }
+
+    fn reload(&mut self) {
+        let Some(from) = &self.reload_from else {
+            log::warn!("SIGHUP ignored: this proxy was not started from a configuration file");
+            return;
+        };
+        let result = Config::load(from, &ProcessEnv).map_err(|e| e.to_string()).and_then(|c| self.shared.reload(c));
+        match result {
+            Ok(()) => {
+                let n = self.shared.state().config.instances.len();
+                log::info!("configuration reloaded: {n} instance(s)");
+            }
+            Err(e) => log::error!("configuration reload failed; the running configuration stays: {e}"),
+        }
+    }
+
+    /// Stop accepting (the listening socket is closed), close idle connections, let requests in flight finish.
+    fn begin_drain(&mut self) {
+        let drain = self.shared.state().config.drain;
+        self.listener = None;
+        self.shared.draining.store(true, Ordering::Relaxed);
+        self.waiting.retain(|w| !w.conn.buf.is_empty());
+        self.drain_deadline = Some(Instant::now() + drain);
+        let open = self.open.load(Ordering::Relaxed);
+        log::info!("stopping: no new connections; waiting up to {} s for {open} connection(s)", drain.as_secs());
     }
 
     fn on_readable(&mut self, i: usize) {
@@ -151,7 +210,7 @@ impl Front {
             Ok(_) => {
                 if was_empty {
                     // The head deadline runs from its first byte; before that, the idle timeout applied.
-                    w.deadline = Instant::now() + self.state.config.head_timeout;
+                    w.deadline = Instant::now() + self.shared.state().config.head_timeout;
                 }
                 self.try_dispatch(i);
             }
@@ -164,7 +223,8 @@ impl Front {
 
     /// If connection `i` holds a complete head, hand it to a worker (or refuse it); otherwise leave it waiting.
     fn try_dispatch(&mut self, i: usize) {
-        let cfg = &self.state.config;
+        let state = self.shared.state();
+        let cfg = &state.config;
         let parsed = parse_head(&self.waiting[i].conn.buf, cfg.max_head_bytes, cfg.max_headers);
         match parsed {
             Ok(None) => {}
@@ -188,7 +248,7 @@ impl Front {
         match self.jobs.try_send(Job { conn, head }) {
             Ok(()) => {}
             Err(TrySendError::Full(job)) => {
-                log::warn!("all {} workers busy and queue full; answering 503", self.state.config.workers);
+                log::warn!("all {} workers busy and queue full; answering 503", self.shared.state().config.workers);
                 canned(job.conn, 503, "the proxy is at capacity; retry shortly", &[("Retry-After", "1")]);
             }
             Err(TrySendError::Disconnected(_)) => {}
@@ -213,17 +273,18 @@ impl Front {
     fn take_returned(&mut self) {
         let mut sink = [0u8; 64];
         while matches!((&self.wake_rx).read(&mut sink), Ok(n) if n > 0) {}
+        let state = self.shared.state();
         while let Ok(mut conn) = self.returned.try_recv() {
-            if conn.stream.set_nonblocking(true).is_err() {
+            if self.drain_deadline.is_some() || conn.stream.set_nonblocking(true).is_err() {
                 continue;
             }
             // A large chunked body may have grown the buffer; an idle connection keeps only what it needs.
             conn.buf.shrink_to(1024);
             let has_bytes = !conn.buf.is_empty();
             let deadline = if has_bytes {
-                Instant::now() + self.state.config.head_timeout
+                Instant::now() + state.config.head_timeout
             } else {
-                Instant::now() + self.state.config.idle_timeout
+                Instant::now() + state.config.idle_timeout
             };
             self.waiting.push(Waiting { conn, deadline });
             if has_bytes {
@@ -236,7 +297,8 @@ impl Front {
 
     fn accept_all(&mut self) {
         loop {
-            match self.listener.accept() {
+            let Some(listener) = &self.listener else { return };
+            match listener.accept() {
                 Ok((stream, peer)) => self.admit(stream, peer),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -268,7 +330,8 @@ impl Front {
             return false;
         };
         drop(spare);
-        let accepted = self.listener.accept();
+        let Some(listener) = &self.listener else { return false };
+        let accepted = listener.accept();
         self.reserve_fd = std::fs::File::open("/dev/null").ok();
         let Ok((stream, peer)) = accepted else { return false };
         log::warn!("out of file descriptors; answering {} with 503", peer.ip());
@@ -278,7 +341,8 @@ impl Front {
     }
 
     fn admit(&mut self, stream: TcpStream, peer: std::net::SocketAddr) {
-        let cfg = &self.state.config;
+        let state = self.shared.state();
+        let cfg = &state.config;
         let _ = stream.set_nodelay(true);
         let ok =
             stream.set_nonblocking(true).is_ok() && stream.set_write_timeout(Some(cfg.client_write_timeout)).is_ok();

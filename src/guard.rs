@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::config::{Config, Secret};
@@ -48,23 +48,33 @@ pub struct Guard {
     max_bad_keys: u32,
     block_duration: Duration,
     max_tracked: usize,
-    table: Mutex<Table>,
+    table: Arc<Mutex<Table>>,
 }
 
+/// The block table, shared across configuration reloads so that a reload does not unblock anyone.
 #[derive(Default)]
-struct Table {
+pub struct Table {
     clients: HashMap<IpAddr, Strikes>,
     strikes_since_sweep: u64,
 }
 
 impl Guard {
     pub fn new(config: &Config) -> Guard {
+        Guard::with_table(config, Arc::default())
+    }
+
+    /// A guard for a new configuration that keeps the strikes and blocks of `previous`.
+    pub fn carry_over(config: &Config, previous: &Guard) -> Guard {
+        Guard::with_table(config, Arc::clone(&previous.table))
+    }
+
+    fn with_table(config: &Config, table: Arc<Mutex<Table>>) -> Guard {
         Guard {
             keys: config.client_keys.clone(),
             max_bad_keys: config.max_bad_keys,
             block_duration: config.block_duration,
             max_tracked: config.max_tracked_clients,
-            table: Mutex::new(Table::default()),
+            table,
         }
     }
 

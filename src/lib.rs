@@ -18,6 +18,7 @@ pub mod config;
 pub mod front;
 pub mod guard;
 pub mod http;
+pub mod lifecycle;
 pub mod relay;
 pub mod request_id;
 pub mod serve;
@@ -27,4 +28,4 @@ pub mod stream;
 pub mod upstream;
 
 pub use config::Config;
-pub use server::{start, Server};
+pub use server::{start, start_from_file, Server};

@@ -46,12 +46,15 @@ fn main() -> ExitCode {
                     config.client_header_name
                 );
             }
-            let (listen, n, workers) = (config.listen, config.instances.len(), config.workers);
-            match azure_proxy::start(config) {
+            let (n, workers) = (config.instances.len(), config.workers);
+            match azure_proxy::start_from_file(config, o) {
                 Ok(server) => {
+                    if let Err(e) = server.handle_signals() {
+                        log::warn!("cannot install signal handlers ({e}); SIGHUP reload and graceful stop are off");
+                    }
                     log::info!("listening on {} ({n} instance(s), {workers} workers)", server.local_addr());
-                    let _ = listen;
                     server.wait();
+                    log::info!("stopped");
                     ExitCode::SUCCESS
                 }
                 Err(e) => {

@@ -19,10 +19,11 @@ use crate::state::State;
 
 /// Serves the request whose head is `head` (already consumed from `conn.buf`). Returns the connection when it
 /// may carry another request, `None` when it must be closed.
-pub fn serve(state: &State, mut conn: Conn, head: Head) -> Option<Conn> {
+/// While `draining`, every answer says `Connection: close` and the connection is not kept.
+pub fn serve(state: &State, mut conn: Conn, head: Head, draining: bool) -> Option<Conn> {
     let started = Instant::now();
     let rid = request_id::accept_or_generate(head.header("x-request-id"));
-    let wants_keep_alive = head.wants_keep_alive();
+    let wants_keep_alive = head.wants_keep_alive() && !draining;
     let http10 = head.minor_version == 0;
     let persist = if wants_keep_alive { Persist::KeepAlive { http10 } } else { Persist::Close };
 

@@ -5,17 +5,18 @@
 
 use std::io;
 use std::net::{SocketAddr, TcpListener};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 
-use crate::config::Config;
+use crate::config::{Config, Overrides};
 use crate::front::{Front, Job, Returner};
 use crate::http::parse::parse_head;
 use crate::http::{Conn, Head};
+use crate::lifecycle;
 use crate::serve::serve;
-use crate::state::State;
+use crate::state::{Shared, State};
 
 /// Worker stack: a rustls handshake and ureq's call stack fit comfortably; only touched pages cost memory.
 const WORKER_STACK_BYTES: usize = 512 * 1024;
@@ -24,6 +25,8 @@ const WORKER_STACK_BYTES: usize = 512 * 1024;
 pub struct Server {
     addr: SocketAddr,
     front: JoinHandle<()>,
+    shared: Arc<Shared>,
+    wake_fd: RawFd,
 }
 
 impl Server {
@@ -32,37 +35,62 @@ impl Server {
         self.addr
     }
 
-    /// Blocks for as long as the proxy runs.
+    /// Routes SIGHUP (reload) and SIGTERM/SIGINT (graceful stop) to this server. For the binary; a library user
+    /// may prefer its own signal handling and call `reload`/`lifecycle::request_stop`.
+    pub fn handle_signals(&self) -> io::Result<()> {
+        lifecycle::install(self.wake_fd)
+    }
+
+    /// Swaps in a new configuration (validated first; on error the running one stays).
+    pub fn reload(&self, config: Config) -> Result<(), String> {
+        self.shared.reload(config)
+    }
+
+    /// Blocks until the proxy has stopped (after a stop request and the drain).
     pub fn wait(self) {
         let _ = self.front.join();
     }
 }
 
-/// Binds `config.listen` and starts serving in background threads.
+/// Binds `config.listen` and starts serving in background threads. SIGHUP reloads are not available (there is
+/// no file to reload from); see `start_from_file`.
 pub fn start(config: Config) -> io::Result<Server> {
+    launch(config, None)
+}
+
+/// As `start`, remembering where the configuration came from so that SIGHUP can read it again.
+pub fn start_from_file(config: Config, source: Overrides) -> io::Result<Server> {
+    launch(config, Some(source))
+}
+
+fn launch(config: Config, source: Option<Overrides>) -> io::Result<Server> {
     raise_fd_limit();
     let listener = TcpListener::bind(config.listen)
         .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {}: {e}", config.listen)))?;
     let addr = listener.local_addr()?;
-    let state = Arc::new(State::new(config).map_err(io::Error::other)?);
-    let (jobs_tx, jobs_rx) = crossbeam_channel::bounded::<Job>(state.config.queue_size);
-    let (front, returner) = Front::new(Arc::clone(&state), listener, jobs_tx)?;
-    for i in 0..state.config.workers {
+    let (workers, queue_size) = (config.workers, config.queue_size);
+    let shared = Arc::new(Shared::new(State::new(config).map_err(io::Error::other)?));
+    let (jobs_tx, jobs_rx) = crossbeam_channel::bounded::<Job>(queue_size);
+    let (front, returner) = Front::new(Arc::clone(&shared), listener, jobs_tx, source)?;
+    let wake_fd = returner.wake_fd();
+    for i in 0..workers {
         let rx = jobs_rx.clone();
-        let state = Arc::clone(&state);
+        let shared = Arc::clone(&shared);
         let returner = returner.clone();
         thread::Builder::new()
             .name(format!("worker-{i}"))
             .stack_size(WORKER_STACK_BYTES)
-            .spawn(move || work(&state, rx, &returner))?;
+            .spawn(move || work(&shared, rx, &returner))?;
     }
     let front = thread::Builder::new().name("front".into()).spawn(move || front.run())?;
-    Ok(Server { addr, front })
+    Ok(Server { addr, front, shared, wake_fd })
 }
 
-fn work(state: &State, jobs: crossbeam_channel::Receiver<Job>, returner: &Returner) {
+fn work(shared: &Shared, jobs: crossbeam_channel::Receiver<Job>, returner: &Returner) {
     for Job { mut conn, mut head } in jobs.iter() {
         loop {
+            // Each request takes the configuration current when it starts, and keeps it to its end.
+            let state = shared.state();
             if !conn.worker_ready {
                 if let Err(e) = conn.stream.set_read_timeout(Some(state.config.body_read_timeout)) {
                     log::warn!("cannot set a read timeout on a client socket: {e}");
@@ -70,9 +98,10 @@ fn work(state: &State, jobs: crossbeam_channel::Receiver<Job>, returner: &Return
                 }
                 conn.worker_ready = true;
             }
+            let draining = shared.is_draining();
             // A bug that panics on one request must cost that request only, not a worker: the connection is
             // dropped (closed) during unwinding and this thread goes on. (Release builds abort on panic instead.)
-            let mut kept = match catch_unwind(AssertUnwindSafe(|| serve(state, conn, head))) {
+            let mut kept = match catch_unwind(AssertUnwindSafe(|| serve(&state, conn, head, draining))) {
                 Ok(Some(kept)) => kept,
                 Ok(None) => break,
                 Err(_) => {
@@ -80,7 +109,7 @@ fn work(state: &State, jobs: crossbeam_channel::Receiver<Job>, returner: &Return
                     break;
                 }
             };
-            match next_request_here(state, &mut kept, &jobs) {
+            match next_request_here(&state, &mut kept, &jobs) {
                 Next::Here(next) => (conn, head) = (kept, next),
                 Next::ToFront => {
                     returner.give_back(kept);

@@ -1,4 +1,9 @@
-//! The state every worker shares, built once from the configuration and passed around in one `Arc`.
+//! The state every worker shares. `State` is everything derived from one configuration; `Shared` holds the
+//! current `State` and swaps it whole on a reload, so a request in flight keeps the `State` it started with
+//! (an `Arc`), and the next request sees the new one.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
 
 use ureq::http::header::{HeaderName, HeaderValue};
 use ureq::Agent;
@@ -25,6 +30,17 @@ pub struct State {
 
 impl State {
     pub fn new(config: Config) -> Result<State, String> {
+        State::build(config, None)
+    }
+
+    /// The state for a reloaded configuration: unchanged instances keep their cooldown, circuit and round-robin
+    /// state, the block table is kept, and the upstream agent (its pool of open connections) is kept unless a
+    /// setting it depends on changed.
+    pub fn reloaded(config: Config, previous: &State) -> Result<State, String> {
+        State::build(config, Some(previous))
+    }
+
+    fn build(config: Config, previous: Option<&State>) -> Result<State, String> {
         let key_header = HeaderName::from_bytes(config.header_name.as_bytes())
             .map_err(|_| format!("header_name {:?} is not a valid header name", config.header_name))?;
         let mut instance_keys = Vec::with_capacity(config.instances.len());
@@ -36,11 +52,23 @@ impl State {
         }
         let mut secrets = config.secrets();
         secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
+        let agent = match previous {
+            Some(p) if agent_settings(&p.config) == agent_settings(&config) => p.agent.clone(),
+            _ => build_agent(&config),
+        };
+        let balancer = match previous {
+            Some(p) => Balancer::carry_over(&config.instances, &config.routing, &p.balancer),
+            None => Balancer::new(&config.instances, &config.routing),
+        };
+        let guard = match previous {
+            Some(p) => Guard::carry_over(&config, &p.guard),
+            None => Guard::new(&config),
+        };
         Ok(State {
-            agent: build_agent(&config),
-            balancer: Balancer::new(&config.instances, &config.routing),
+            agent,
+            balancer,
             maps_deployments: config.instances.iter().any(|i| !i.deployments.is_empty() || i.deployments_only),
-            guard: Guard::new(&config),
+            guard,
             key_header,
             instance_keys,
             secrets,
@@ -57,6 +85,54 @@ impl State {
             }
         }
         out
+    }
+}
+
+/// What the agent is built from; a reload that leaves these alone keeps the agent and its open connections.
+fn agent_settings(c: &Config) -> (usize, usize, usize, std::time::Duration, std::time::Duration, std::time::Duration) {
+    (
+        c.workers,
+        c.instances.len(),
+        c.max_head_bytes,
+        c.connect_timeout,
+        c.upstream_response_timeout,
+        c.upstream_read_timeout,
+    )
+}
+
+/// Holds the current `State`; see the module doc.
+pub struct Shared {
+    current: RwLock<Arc<State>>,
+    /// Set once a stop was asked for: answers carry `Connection: close` and no connection is kept.
+    pub draining: AtomicBool,
+}
+
+impl Shared {
+    pub fn new(state: State) -> Shared {
+        Shared { current: RwLock::new(Arc::new(state)), draining: AtomicBool::new(false) }
+    }
+
+    /// The state to serve one request with.
+    pub fn state(&self) -> Arc<State> {
+        Arc::clone(&self.current.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Validates `config` fully, then swaps it in. On error the running configuration stays.
+    pub fn reload(&self, config: Config) -> Result<(), String> {
+        let previous = self.state();
+        if config.listen != previous.config.listen
+            || config.workers != previous.config.workers
+            || config.queue_size != previous.config.queue_size
+        {
+            log::warn!("listen, workers and queue_size are read at start only; restart to change them");
+        }
+        let next = State::reloaded(config, &previous)?;
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(next);
+        Ok(())
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
     }
 }
 
