@@ -4,4 +4,5 @@
 
 pub mod client;
 pub mod mock;
+pub mod process;
 pub mod proxy;
