@@ -41,6 +41,8 @@ pub const DEFAULT_ERROR_BODY_MAX_BYTES: usize = 2048;
 pub const DEFAULT_MAX_BAD_KEYS: u32 = 5;
 pub const DEFAULT_BLOCK_SECONDS: u64 = 300;
 pub const DEFAULT_MAX_TRACKED_CLIENTS: usize = 100_000;
+/// The admin endpoints, all on by default.
+pub const ADMIN_ENDPOINTS: [&str; 3] = ["healthz", "readyz", "metrics"];
 /// How long a stop waits for requests in flight (streams included) before exiting anyway.
 pub const DEFAULT_DRAIN_SECONDS: u64 = 30;
 /// Cooldown after a 429/503 that names no retry time.
@@ -165,6 +167,10 @@ pub struct Config {
     pub max_tracked_clients: usize,
     /// Peers whose `X-Forwarded-For` is believed (load balancers in front of the proxy); empty: none.
     pub trusted_proxies: Vec<Cidr>,
+    /// Admin endpoints served (`healthz`, `readyz`, `metrics`); the others answer 404.
+    pub admin_endpoints: Vec<String>,
+    /// Serve the admin endpoints here instead of on `listen`.
+    pub admin_listen: Option<SocketAddr>,
     /// On SIGTERM/SIGINT: stop accepting, finish requests in flight for at most this long, exit 0.
     pub drain: Duration,
     pub routing: Routing,
@@ -199,6 +205,8 @@ struct FileConfig {
     max_tracked_clients: Option<usize>,
     trusted_proxies: Option<Vec<String>>,
     drain_seconds: Option<u64>,
+    admin_endpoints: Option<Vec<String>>,
+    admin_listen: Option<String>,
     max_attempts: Option<usize>,
     attempt_deadline_ms: Option<u64>,
     cooldown_ms: Option<u64>,
@@ -385,6 +393,15 @@ impl Config {
             ),
         };
 
+        let admin_endpoints =
+            raw.admin_endpoints.unwrap_or_else(|| ADMIN_ENDPOINTS.iter().map(|e| e.to_string()).collect());
+        if let Some(bad) = admin_endpoints.iter().find(|e| !ADMIN_ENDPOINTS.contains(&e.as_str())) {
+            return Err(err("admin_endpoints", format!("{bad:?} is not one of {ADMIN_ENDPOINTS:?}")));
+        }
+        let admin_listen = match raw.admin_listen {
+            None => None,
+            Some(a) => Some(a.parse::<SocketAddr>().map_err(|_| err("admin_listen", format!("{a:?} is not IP:PORT")))?),
+        };
         let mut trusted_proxies = Vec::new();
         for (i, text) in raw.trusted_proxies.unwrap_or_default().iter().enumerate() {
             trusted_proxies.push(Cidr::parse(text).map_err(|m| err(&format!("trusted_proxies[{i}]"), m))?);
@@ -491,6 +508,8 @@ impl Config {
             )?,
             trusted_proxies,
             drain: Duration::from_secs(raw.drain_seconds.unwrap_or(DEFAULT_DRAIN_SECONDS)),
+            admin_endpoints,
+            admin_listen,
             routing,
         };
         Ok(config)

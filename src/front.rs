@@ -248,7 +248,9 @@ impl Front {
         match self.jobs.try_send(Job { conn, head }) {
             Ok(()) => {}
             Err(TrySendError::Full(job)) => {
-                log::warn!("all {} workers busy and queue full; answering 503", self.shared.state().config.workers);
+                let state = self.shared.state();
+                state.metrics.shed.fetch_add(1, Ordering::Relaxed);
+                log::warn!("all {} workers busy and queue full; answering 503", state.config.workers);
                 canned(job.conn, 503, "the proxy is at capacity; retry shortly", &[("Retry-After", "1")]);
             }
             Err(TrySendError::Disconnected(_)) => {}
@@ -334,6 +336,7 @@ impl Front {
         let accepted = listener.accept();
         self.reserve_fd = std::fs::File::open("/dev/null").ok();
         let Ok((stream, peer)) = accepted else { return false };
+        self.shared.state().metrics.shed.fetch_add(1, Ordering::Relaxed);
         log::warn!("out of file descriptors; answering {} with 503", peer.ip());
         let conn = Conn::new(stream, peer, &self.open);
         canned(conn, 503, "the proxy is out of file descriptors; retry shortly", &[("Retry-After", "1")]);
@@ -351,6 +354,7 @@ impl Front {
         }
         let conn = Conn::new(stream, peer, &self.open);
         if self.open.load(Ordering::Relaxed) > cfg.max_connections {
+            state.metrics.shed.fetch_add(1, Ordering::Relaxed);
             log::warn!("max_connections={} reached; refusing {}", cfg.max_connections, peer.ip());
             canned(conn, 503, "too many open connections; retry shortly", &[("Retry-After", "1")]);
             return;

@@ -150,6 +150,13 @@ impl Guard {
         Verdict::BadKey
     }
 
+    /// Addresses blocked right now.
+    pub fn blocked_clients(&self) -> usize {
+        let now = Instant::now();
+        let table = self.table.lock().unwrap_or_else(|p| p.into_inner());
+        table.clients.values().filter(|s| s.blocked_until.is_some_and(|u| u > now)).count()
+    }
+
     pub fn tracked_clients(&self) -> usize {
         self.table.lock().unwrap_or_else(|p| p.into_inner()).clients.len()
     }

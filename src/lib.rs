@@ -11,6 +11,7 @@
 //! 4. `serve` logs the access line and gives a keep-alive connection back to `front`.
 #![deny(unsafe_op_in_unsafe_fn)]
 
+pub mod admin;
 pub mod balancer;
 pub mod cli;
 pub mod client_ip;
@@ -19,6 +20,7 @@ pub mod front;
 pub mod guard;
 pub mod http;
 pub mod lifecycle;
+pub mod metrics;
 pub mod relay;
 pub mod request_id;
 pub mod serve;

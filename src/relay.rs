@@ -7,6 +7,7 @@
 //! Once the head has been written to the client nothing is retried: the client sees the stream or an error.
 
 use std::net::TcpStream;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use ureq::http::Method;
@@ -15,7 +16,7 @@ use crate::balancer::{Observation, Plan};
 use crate::http::parse::{Framing, Head};
 use crate::http::write::{self, Persist};
 use crate::state::State;
-use crate::stream::stream_response;
+use crate::stream::{stream_response, Tally};
 use crate::upstream::{self, classify, error_snippet, retry_after, FailureKind};
 
 const INVALID: &str = "invalid_request_error";
@@ -28,6 +29,8 @@ pub struct Exchange<'a> {
     pub framing: Framing,
     pub body: &'a [u8],
     pub request_id: &'a str,
+    /// When the request head was complete (for latency metrics).
+    pub started: Instant,
 }
 
 /// How one attempt ended (for logs and the fallback body).
@@ -99,35 +102,46 @@ pub fn relay(state: &State, ex: &Exchange, client: &mut TcpStream, persist: Pers
         let inst = &instances[idx];
         let target = upstream::target_for(inst, &ex.head.target, deployment.as_deref());
         let body = upstream::body_for(inst, ex.head, ex.body, deployment.as_deref());
+        if !attempts.is_empty() {
+            state.metrics.retries.fetch_add(1, Ordering::Relaxed);
+        }
         let t0 = Instant::now();
         let result = upstream::send(state, idx, &method, &headers, &target, &body, ex.framing);
         let elapsed = t0.elapsed();
         match result {
             Ok(resp) => {
                 let status = resp.status().as_u16();
+                state.metrics.attempt(&inst.name, status_class(status), elapsed);
                 let retry_after = retry_after(resp.headers());
                 state.balancer.observe(idx, Observation::Answered { status, retry_after });
                 let last = n + 1 == total;
                 if RETRYABLE.contains(&status) && !(last && is_unanimous_client_error(status, &attempts)) {
-                    let snippet = error_snippet(resp, state.config.error_body_max_bytes);
+                    let snippet = state.error_excerpt(error_snippet(resp, state.error_read_bytes()));
                     log::warn!(
                         "{rid} attempt {}/{total} instance={} status={status} elapsed_ms={} body={:?}",
                         n + 1,
                         inst.name,
                         elapsed.as_millis(),
-                        state.redact(&snippet)
+                        snippet
                     );
                     let outcome = Outcome::Status { status, retry_after };
                     attempts.push(Attempt { instance: inst.name.clone(), outcome, elapsed });
                     continue;
                 }
-                let mut relayed = stream_response(resp, ex, client, persist);
+                let tally = Tally {
+                    metrics: &state.metrics,
+                    instance: &inst.name,
+                    deployment: deployment.as_deref(),
+                    started: ex.started,
+                };
+                let mut relayed = stream_response(resp, ex, client, persist, tally);
                 relayed.instance = Some(inst.name.clone());
                 relayed.attempts = attempts.len() + 1;
                 return relayed;
             }
             Err(e) => {
                 let (kind, detail) = classify(&e);
+                state.metrics.attempt(&inst.name, &format!("{kind:?}").to_ascii_lowercase(), elapsed);
                 if kind != FailureKind::Local {
                     state.balancer.observe(idx, Observation::Unreachable);
                 } else {
@@ -186,6 +200,18 @@ fn unavailable(
     body["error"]["attempts"] = serde_json::Value::Array(Vec::new());
     log::warn!("{rid} no instance available; answering {status} with Retry-After {secs}");
     respond_json(client, rid, status, &body, &[("Retry-After", &secs)], persist)
+}
+
+/// The outcome label of an attempt that got an answer.
+fn status_class(status: u16) -> &'static str {
+    match status {
+        429 => "429",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        500..=599 => "5xx",
+        _ => "other",
+    }
 }
 
 /// When every instance gave the same 401, 403 or 404, that answer is the truth about the request (a deployment
@@ -257,9 +283,23 @@ pub fn respond_json(
     extra: &[(&str, &str)],
     persist: Persist,
 ) -> Relayed {
+    let body = serde_json::to_vec(body).unwrap_or_default();
+    respond_bytes(client, rid, status, "application/json", &body, extra, persist)
+}
+
+/// Writes a small answer produced by the proxy itself, head and body in one write.
+pub fn respond_bytes(
+    client: &mut TcpStream,
+    rid: &str,
+    status: u16,
+    content_type: &str,
+    body: &[u8],
+    extra: &[(&str, &str)],
+    persist: Persist,
+) -> Relayed {
     let mut relayed =
         Relayed { status, instance: None, attempts: 0, bytes: 0, reusable: persist != Persist::Close, note: None };
-    match write::write_json(client, status, rid, body, extra, persist) {
+    match write::write_small(client, status, rid, content_type, body, extra, persist) {
         Ok(n) => relayed.bytes = n,
         Err(_) => relayed = relayed.gone(),
     }

@@ -4,15 +4,17 @@
 
 use std::io::Write;
 use std::net::IpAddr;
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use crate::balancer::Unavailable;
+use crate::admin;
 use crate::client_ip;
 use crate::guard::Verdict;
 use crate::http::body::{self, BodyError};
 use crate::http::parse::{is_safe_origin_form, Framing, FramingError, Head};
 use crate::http::write::Persist;
 use crate::http::Conn;
+use crate::metrics;
 use crate::relay::{self, Exchange, Relayed};
 use crate::request_id;
 use crate::state::State;
@@ -30,7 +32,10 @@ pub fn serve(state: &State, mut conn: Conn, head: Head, draining: bool) -> Optio
     let forwarded: Vec<&[u8]> =
         head.headers.iter().filter(|(n, _)| n == "x-forwarded-for").map(|(_, v)| v.as_slice()).collect();
     let client = client_ip::client_ip(conn.peer.ip(), &forwarded, &state.config.trusted_proxies);
-    let relayed = handle(state, &mut conn, &head, &rid, client, persist);
+    state.metrics.in_flight.fetch_add(1, Ordering::Relaxed);
+    let relayed = handle(state, &mut conn, &head, &rid, client, persist, started);
+    state.metrics.in_flight.fetch_sub(1, Ordering::Relaxed);
+    state.metrics.request(metrics::route_class(head.path()), relayed.status, started.elapsed());
     log::info!(
         target: "access",
         "{rid} client={} method={} path={} status={} instance={} attempts={} duration_ms={} bytes={}{}",
@@ -51,7 +56,15 @@ pub fn serve(state: &State, mut conn: Conn, head: Head, draining: bool) -> Optio
     }
 }
 
-fn handle(state: &State, conn: &mut Conn, head: &Head, rid: &str, client: IpAddr, persist: Persist) -> Relayed {
+fn handle(
+    state: &State,
+    conn: &mut Conn,
+    head: &Head,
+    rid: &str,
+    client: IpAddr,
+    persist: Persist,
+    started: Instant,
+) -> Relayed {
     let cfg = &state.config;
     // Until the body has been read, an early answer must close the connection: unread body bytes would
     // otherwise be taken for the next request.
@@ -101,13 +114,10 @@ fn handle(state: &State, conn: &mut Conn, head: &Head, rid: &str, client: IpAddr
         );
     }
     let path = head.path();
-    if path == "/healthz" && head.method == "GET" {
-        let body = serde_json::json!({"status": "ok"});
-        return relay::respond_json(&mut conn.stream, rid, 200, &body, &[], early);
-    }
-    if path == "/readyz" && head.method == "GET" {
-        let (status, body) = readiness(state);
-        return relay::respond_json(&mut conn.stream, rid, status, &body, &[], early);
+    if state.config.admin_listen.is_none() {
+        if let Some(a) = admin::answer(state, &head.method, path) {
+            return relay::respond_bytes(&mut conn.stream, rid, a.status, a.content_type, &a.body, &[], early);
+        }
     }
     if !path.starts_with("/openai/") {
         return relay::respond_error(
@@ -207,33 +217,8 @@ fn handle(state: &State, conn: &mut Conn, head: &Head, rid: &str, client: IpAddr
         }
     };
 
-    let ex = Exchange { head, framing, body: &body, request_id: rid };
+    let ex = Exchange { head, framing, body: &body, request_id: rid, started };
     relay::relay(state, &ex, &mut conn.stream, persist)
-}
-
-/// 200 while at least one instance can take a request now, else 503 with each instance's state.
-fn readiness(state: &State) -> (u16, serde_json::Value) {
-    let instances: Vec<serde_json::Value> = state
-        .balancer
-        .snapshot()
-        .into_iter()
-        .map(|(name, why)| match why {
-            None => serde_json::json!({"name": name, "state": "available"}),
-            Some(Unavailable::CoolingDown(d)) => {
-                serde_json::json!({"name": name, "state": "cooling_down", "retry_after_ms": d.as_millis() as u64})
-            }
-            Some(Unavailable::CircuitOpen(d)) => {
-                serde_json::json!({"name": name, "state": "circuit_open", "retry_after_ms": d.as_millis() as u64})
-            }
-        })
-        .collect();
-    let ready = instances.iter().any(|i| i["state"] == "available");
-    let body = if ready {
-        serde_json::json!({"status": "ready", "instances": instances})
-    } else {
-        serde_json::json!({"status": "unavailable", "reason": "every instance is cooling down or its circuit is open", "instances": instances})
-    };
-    (if ready { 200 } else { 503 }, body)
 }
 
 /// The path as it may appear in a log line: at most 256 characters; it is already visible ASCII when valid.

@@ -10,6 +10,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 
+use crate::admin;
 use crate::config::{Config, Overrides};
 use crate::front::{Front, Job, Returner};
 use crate::http::parse::parse_head;
@@ -72,6 +73,10 @@ fn launch(config: Config, source: Option<Overrides>) -> io::Result<Server> {
     let shared = Arc::new(Shared::new(State::new(config).map_err(io::Error::other)?));
     let (jobs_tx, jobs_rx) = crossbeam_channel::bounded::<Job>(queue_size);
     let (front, returner) = Front::new(Arc::clone(&shared), listener, jobs_tx, source)?;
+    let metrics = Arc::clone(&shared.state().metrics);
+    let _ = metrics.open_connections.set(front.open_connections());
+    let queue = jobs_rx.clone();
+    let _ = metrics.queue_depth.set(Box::new(move || queue.len()));
     let wake_fd = returner.wake_fd();
     for i in 0..workers {
         let rx = jobs_rx.clone();
@@ -81,6 +86,12 @@ fn launch(config: Config, source: Option<Overrides>) -> io::Result<Server> {
             .name(format!("worker-{i}"))
             .stack_size(WORKER_STACK_BYTES)
             .spawn(move || work(&shared, rx, &returner))?;
+    }
+    if let Some(admin_addr) = shared.state().config.admin_listen {
+        let admin = TcpListener::bind(admin_addr)
+            .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on admin_listen {admin_addr}: {e}")))?;
+        let shared = Arc::clone(&shared);
+        thread::Builder::new().name("admin".into()).spawn(move || admin::serve_admin(admin, shared))?;
     }
     let front = thread::Builder::new().name("front".into()).spawn(move || front.run())?;
     Ok(Server { addr, front, shared, wake_fd })

@@ -11,6 +11,7 @@ use ureq::Agent;
 use crate::balancer::Balancer;
 use crate::config::Config;
 use crate::guard::Guard;
+use crate::metrics::Metrics;
 
 pub struct State {
     pub config: Config,
@@ -18,6 +19,8 @@ pub struct State {
     pub agent: Agent,
     pub balancer: Balancer,
     pub guard: Guard,
+    /// Counters since start; the same `Metrics` across reloads.
+    pub metrics: Arc<Metrics>,
     /// Whether any instance maps or restricts deployment names (only then is a v1 body read for its `model`).
     pub maps_deployments: bool,
     /// `config.header_name`, parsed once.
@@ -64,9 +67,11 @@ impl State {
             Some(p) => Guard::carry_over(&config, &p.guard),
             None => Guard::new(&config),
         };
+        let metrics = previous.map(|p| Arc::clone(&p.metrics)).unwrap_or_default();
         Ok(State {
             agent,
             balancer,
+            metrics,
             maps_deployments: config.instances.iter().any(|i| !i.deployments.is_empty() || i.deployments_only),
             guard,
             key_header,
@@ -74,6 +79,23 @@ impl State {
             secrets,
             config,
         })
+    }
+
+    /// How much of an upstream error body to read for the log: the logged length plus the longest key, so that
+    /// a key straddling the cut is read whole and redacted, not half-logged.
+    pub fn error_read_bytes(&self) -> usize {
+        self.config.error_body_max_bytes + self.secrets.first().map_or(0, String::len)
+    }
+
+    /// An upstream error body as it may be logged: keys redacted first, then cut at `error_body_max_bytes`.
+    pub fn error_excerpt(&self, body: String) -> String {
+        let mut clean = self.redact(&body);
+        let mut cut = self.config.error_body_max_bytes.min(clean.len());
+        while !clean.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        clean.truncate(cut);
+        clean
     }
 
     /// `text` with every configured key replaced by `[REDACTED]`.

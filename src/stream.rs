@@ -6,11 +6,13 @@
 use std::cell::RefCell;
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
+use std::time::Instant;
 
 use ureq::http;
 
 use crate::http::conn::abort;
 use crate::http::write::{self, Persist, ResponseHead, BROKEN_CHUNK, CHUNK_BUF, CHUNK_DATA, CHUNK_PREFIX, LAST_CHUNK};
+use crate::metrics::{Metrics, UsageTail};
 use crate::relay::{Exchange, Relayed};
 use crate::upstream::HOP_BY_HOP;
 
@@ -23,15 +25,58 @@ enum Out {
     UntilClose,
 }
 
+/// What the copy reports to the metrics: which instance and deployment, and when the request started.
+pub struct Tally<'a> {
+    pub metrics: &'a Metrics,
+    pub instance: &'a str,
+    pub deployment: Option<&'a str>,
+    pub started: Instant,
+}
+
+/// What is watched while a body is copied: the first byte of a stream, the token usage at the end.
+struct Watch<'a> {
+    tally: Tally<'a>,
+    sse: bool,
+    /// Only for 200 JSON and SSE bodies, the ones that carry a `usage` object.
+    tail: Option<UsageTail>,
+    seen_first_byte: bool,
+}
+
+impl Watch<'_> {
+    fn on_bytes(&mut self, bytes: &[u8]) {
+        if !self.seen_first_byte {
+            self.seen_first_byte = true;
+            if self.sse {
+                self.tally.metrics.stream_first_byte_seconds.observe(self.tally.started.elapsed());
+            }
+        }
+        if let Some(tail) = &mut self.tail {
+            tail.push(bytes);
+        }
+    }
+
+    fn on_complete(&self) {
+        if let Some((prompt, completion)) = self.tail.as_ref().and_then(UsageTail::usage) {
+            let deployment = self.tally.deployment.unwrap_or("-");
+            self.tally.metrics.tokens(self.tally.instance, deployment, prompt, completion);
+        }
+    }
+}
+
 /// Writes the upstream response head, then copies its body: one read, one write, as soon as bytes arrive.
 pub fn stream_response(
     resp: http::Response<ureq::Body>,
     ex: &Exchange,
     client: &mut TcpStream,
     persist: Persist,
+    tally: Tally,
 ) -> Relayed {
     let (parts, body) = resp.into_parts();
     let status = parts.status.as_u16();
+    let content_type = parts.headers.get("content-type").and_then(|v| v.to_str().ok()).unwrap_or_default();
+    let sse = content_type.starts_with("text/event-stream");
+    let carries_usage = status == 200 && (sse || content_type.starts_with("application/json"));
+    let mut watch = Watch { tally, sse, tail: carries_usage.then(UsageTail::default), seen_first_byte: false };
     let no_body = ex.head.method == "HEAD" || status == 204 || status == 304 || status < 200;
     let upstream_len = parts.headers.get("content-length").and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok());
     let http10 = ex.head.minor_version == 0;
@@ -96,7 +141,7 @@ pub fn stream_response(
     if out == Out::Empty {
         return relayed;
     }
-    copy_body(body.into_reader(), client, out, pending_head, &mut relayed);
+    copy_body(body.into_reader(), client, out, pending_head, &mut relayed, &mut watch);
     relayed
 }
 
@@ -107,8 +152,15 @@ thread_local! {
 
 /// Copies the upstream body to the client, one write per read; `pending_head` (possibly empty) goes out with the
 /// first write.
-fn copy_body(reader: impl Read, client: &mut TcpStream, out: Out, pending_head: Vec<u8>, relayed: &mut Relayed) {
-    COPY_BUF.with_borrow_mut(|buf| copy_with(buf, reader, client, out, pending_head, relayed));
+fn copy_body(
+    reader: impl Read,
+    client: &mut TcpStream,
+    out: Out,
+    pending_head: Vec<u8>,
+    relayed: &mut Relayed,
+    watch: &mut Watch,
+) {
+    COPY_BUF.with_borrow_mut(|buf| copy_with(buf, reader, client, out, pending_head, relayed, watch));
 }
 
 fn copy_with(
@@ -118,6 +170,7 @@ fn copy_with(
     out: Out,
     mut pending_head: Vec<u8>,
     relayed: &mut Relayed,
+    watch: &mut Watch,
 ) {
     loop {
         let n = match reader.read(&mut buf[CHUNK_PREFIX..CHUNK_PREFIX + CHUNK_DATA]) {
@@ -140,6 +193,7 @@ fn copy_with(
                 return;
             }
         };
+        watch.on_bytes(&buf[CHUNK_PREFIX..CHUNK_PREFIX + n]);
         let written = match out {
             Out::Chunked => {
                 let range = write::frame_chunk(buf, n);
@@ -160,7 +214,9 @@ fn copy_with(
     if !nothing_left && write_both(client, &pending_head, tail).is_err() {
         relayed.reusable = false;
         relayed.note = Some("client_gone");
+        return;
     }
+    watch.on_complete();
 }
 
 /// Writes `a` then `b`, in one system call when the socket takes it all.

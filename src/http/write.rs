@@ -79,8 +79,21 @@ pub fn write_json(
     persist: Persist,
 ) -> io::Result<u64> {
     let body = serde_json::to_vec(body).unwrap_or_default();
+    write_small(stream, status, request_id, "application/json", &body, extra, persist)
+}
+
+/// Writes a complete small response (head and body in one write). Returns the body size.
+pub fn write_small(
+    stream: &mut TcpStream,
+    status: u16,
+    request_id: &str,
+    content_type: &str,
+    body: &[u8],
+    extra: &[(&str, &str)],
+    persist: Persist,
+) -> io::Result<u64> {
     let mut head = ResponseHead::new(status);
-    head.header("Content-Type", b"application/json")
+    head.header("Content-Type", content_type.as_bytes())
         .header("Content-Length", body.len().to_string().as_bytes())
         .header("x-request-id", request_id.as_bytes());
     for (name, value) in extra {
@@ -88,7 +101,7 @@ pub fn write_json(
     }
     persist.apply(&mut head);
     let mut out = head.finish();
-    out.extend_from_slice(&body);
+    out.extend_from_slice(body);
     stream.write_all(&out)?;
     stream.flush()?;
     Ok(body.len() as u64)

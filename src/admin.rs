@@ -1,0 +1,125 @@
+//! The admin endpoints: `/healthz` (the process serves), `/readyz` (at least one instance can take a request now)
+//! and `/metrics` (Prometheus text format). They need no client key. Each can be turned off with
+//! `admin_endpoints`, and all can be moved off the proxy port to `admin_listen`, which serves nothing else.
+
+use std::io::Read;
+use std::net::TcpListener;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::balancer::Unavailable;
+use crate::http::parse::parse_head;
+use crate::http::write::{self, Persist};
+use crate::metrics::Gauges;
+use crate::request_id;
+use crate::state::{Shared, State};
+
+/// A ready answer: status, content type, body.
+pub struct Answer {
+    pub status: u16,
+    pub content_type: &'static str,
+    pub body: Vec<u8>,
+}
+
+/// The answer for an admin route, or None when `path` is not an enabled admin endpoint.
+pub fn answer(state: &State, method: &str, path: &str) -> Option<Answer> {
+    let name = path.strip_prefix('/')?;
+    if method != "GET" || !state.config.admin_endpoints.iter().any(|e| e == name) {
+        return None;
+    }
+    let json = |status, v: serde_json::Value| Answer {
+        status,
+        content_type: "application/json",
+        body: serde_json::to_vec(&v).unwrap_or_default(),
+    };
+    match name {
+        "healthz" => Some(json(200, serde_json::json!({"status": "ok"}))),
+        "readyz" => {
+            let (status, body) = readiness(state);
+            Some(json(status, body))
+        }
+        "metrics" => Some(Answer {
+            status: 200,
+            content_type: "text/plain; version=0.0.4; charset=utf-8",
+            body: scrape(state).into_bytes(),
+        }),
+        _ => None,
+    }
+}
+
+fn scrape(state: &State) -> String {
+    let m = &state.metrics;
+    let gauges = Gauges {
+        queue_depth: m.queue_depth.get().map_or(0, |f| f()),
+        open_connections: m.open_connections.get().map_or(0, |c| c.load(Ordering::Relaxed)),
+        blocked_clients: state.guard.blocked_clients(),
+        instances: state.balancer.snapshot().into_iter().map(|(n, why)| (n, why.is_none())).collect(),
+    };
+    m.render(&gauges)
+}
+
+/// 200 while at least one instance can take a request now, else 503 with each instance's state.
+fn readiness(state: &State) -> (u16, serde_json::Value) {
+    let instances: Vec<serde_json::Value> = state
+        .balancer
+        .snapshot()
+        .into_iter()
+        .map(|(name, why)| match why {
+            None => serde_json::json!({"name": name, "state": "available"}),
+            Some(Unavailable::CoolingDown(d)) => {
+                serde_json::json!({"name": name, "state": "cooling_down", "retry_after_ms": d.as_millis() as u64})
+            }
+            Some(Unavailable::CircuitOpen(d)) => {
+                serde_json::json!({"name": name, "state": "circuit_open", "retry_after_ms": d.as_millis() as u64})
+            }
+        })
+        .collect();
+    let ready = instances.iter().any(|i| i["state"] == "available");
+    let body = if ready {
+        serde_json::json!({"status": "ready", "instances": instances})
+    } else {
+        serde_json::json!({"status": "unavailable", "reason": "every instance is cooling down or its circuit is open", "instances": instances})
+    };
+    (if ready { 200 } else { 503 }, body)
+}
+
+/// Serves the admin endpoints on their own listener: one thread, one request per connection, short timeouts.
+/// Admin traffic is a probe every few seconds; it never competes with the proxy's workers.
+pub fn serve_admin(listener: TcpListener, shared: Arc<Shared>) {
+    for conn in listener.incoming() {
+        let Ok(mut stream) = conn else { continue };
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+        let _ = stream.set_write_timeout(Some(Duration::from_secs(2)));
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        let head = loop {
+            match stream.read(&mut chunk) {
+                Ok(0) | Err(_) => break None,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+            match parse_head(&buf, 8192, 64) {
+                Ok(Some(head)) => break Some(head),
+                Ok(None) => continue,
+                Err(_) => break None,
+            }
+        };
+        let Some(head) = head else { continue };
+        let state = shared.state();
+        let rid = request_id::accept_or_generate(None);
+        let answer = answer(&state, &head.method, head.path()).unwrap_or(Answer {
+            status: 404,
+            content_type: "application/json",
+            body: br#"{"error":{"message":"not an admin endpoint","type":"not_found_error","code":"404"}}"#.to_vec(),
+        });
+        let _ = write::write_small(
+            &mut stream,
+            answer.status,
+            &rid,
+            answer.content_type,
+            &answer.body,
+            &[],
+            Persist::Close,
+        );
+    }
+}

@@ -1,0 +1,293 @@
+//! Prometheus metrics, hand-written in the text exposition format 0.0.4. Counters are atomics or small maps
+//! behind a mutex held for one increment; nothing here is on the data path of a stream except one tail copy of
+//! at most `USAGE_TAIL_BYTES` per read, used to find the token `usage` the response already carries.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+/// Upper bounds of the latency histograms, in seconds: an LLM request spans milliseconds to minutes.
+const BUCKETS: [f64; 14] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0];
+/// How much of the end of a response is kept to find its `usage` object (it comes last in Azure's JSON and
+/// in the final SSE chunk).
+pub const USAGE_TAIL_BYTES: usize = 4096;
+
+pub struct Histogram {
+    counts: [AtomicU64; BUCKETS.len()],
+    sum_micros: AtomicU64,
+    count: AtomicU64,
+}
+
+impl Default for Histogram {
+    fn default() -> Histogram {
+        Histogram {
+            counts: std::array::from_fn(|_| AtomicU64::new(0)),
+            sum_micros: AtomicU64::new(0),
+            count: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Histogram {
+    pub fn observe(&self, d: Duration) {
+        let secs = d.as_secs_f64();
+        if let Some(i) = BUCKETS.iter().position(|b| secs <= *b) {
+            self.counts[i].fetch_add(1, Ordering::Relaxed);
+        }
+        self.sum_micros.fetch_add(d.as_micros() as u64, Ordering::Relaxed);
+        self.count.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        let mut cumulative = 0;
+        for (i, bound) in BUCKETS.iter().enumerate() {
+            cumulative += self.counts[i].load(Ordering::Relaxed);
+            let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {cumulative}");
+        }
+        let count = self.count.load(Ordering::Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
+        let _ = writeln!(out, "{name}_sum {}", self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6);
+        let _ = writeln!(out, "{name}_count {count}");
+    }
+}
+
+/// Everything counted since start. Lives across configuration reloads.
+#[derive(Default)]
+pub struct Metrics {
+    requests: Mutex<BTreeMap<(&'static str, u16), u64>>,
+    attempts: Mutex<BTreeMap<(String, String), u64>>,
+    tokens: Mutex<BTreeMap<(String, String, &'static str), u64>>,
+    pub retries: AtomicU64,
+    pub shed: AtomicU64,
+    pub in_flight: AtomicI64,
+    pub request_seconds: Histogram,
+    pub upstream_seconds: Histogram,
+    pub stream_first_byte_seconds: Histogram,
+    /// Set at start-up: the open-connection counter and the queue length, read at scrape time.
+    pub open_connections: std::sync::OnceLock<std::sync::Arc<std::sync::atomic::AtomicUsize>>,
+    pub queue_depth: std::sync::OnceLock<Box<dyn Fn() -> usize + Send + Sync>>,
+}
+
+/// Values read at scrape time from the rest of the proxy.
+pub struct Gauges<'a> {
+    pub queue_depth: usize,
+    pub open_connections: usize,
+    pub blocked_clients: usize,
+    /// (instance, available now)
+    pub instances: Vec<(&'a str, bool)>,
+}
+
+impl Metrics {
+    pub fn request(&self, route: &'static str, status: u16, took: Duration) {
+        *self.requests.lock().unwrap_or_else(|p| p.into_inner()).entry((route, status)).or_default() += 1;
+        self.request_seconds.observe(took);
+    }
+
+    /// One upstream attempt; `outcome` is a status class (`2xx`, `429`, `5xx`, …) or an error kind.
+    pub fn attempt(&self, instance: &str, outcome: &str, took: Duration) {
+        let key = (instance.to_string(), outcome.to_string());
+        *self.attempts.lock().unwrap_or_else(|p| p.into_inner()).entry(key).or_default() += 1;
+        self.upstream_seconds.observe(took);
+    }
+
+    pub fn tokens(&self, instance: &str, deployment: &str, prompt: u64, completion: u64) {
+        let mut map = self.tokens.lock().unwrap_or_else(|p| p.into_inner());
+        *map.entry((instance.to_string(), deployment.to_string(), "prompt")).or_default() += prompt;
+        *map.entry((instance.to_string(), deployment.to_string(), "completion")).or_default() += completion;
+    }
+
+    pub fn render(&self, g: &Gauges) -> String {
+        let mut out = String::with_capacity(4096);
+        counter_header(&mut out, "azure_proxy_requests_total", "Requests answered, by route class and status.");
+        for ((route, status), n) in self.requests.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            let _ = writeln!(out, "azure_proxy_requests_total{{route=\"{route}\",status=\"{status}\"}} {n}");
+        }
+        counter_header(&mut out, "azure_proxy_upstream_attempts_total", "Upstream attempts, by instance and outcome.");
+        for ((instance, outcome), n) in self.attempts.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            let (i, o) = (escape(instance), escape(outcome));
+            let _ = writeln!(out, "azure_proxy_upstream_attempts_total{{instance=\"{i}\",outcome=\"{o}\"}} {n}");
+        }
+        counter(&mut out, "azure_proxy_retries_total", "Attempts beyond the first of a request.", &self.retries);
+        counter(
+            &mut out,
+            "azure_proxy_shed_total",
+            "Connections answered 503 at once (queue full, connection or fd limit).",
+            &self.shed,
+        );
+        counter_header(&mut out, "azure_proxy_tokens_total", "Tokens reported in the usage of relayed responses.");
+        for ((instance, deployment, kind), n) in self.tokens.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            let (i, d) = (escape(instance), escape(deployment));
+            let _ =
+                writeln!(out, "azure_proxy_tokens_total{{instance=\"{i}\",deployment=\"{d}\",kind=\"{kind}\"}} {n}");
+        }
+        self.request_seconds.render(
+            &mut out,
+            "azure_proxy_request_duration_seconds",
+            "Time from request head to the end of the answer.",
+        );
+        self.upstream_seconds.render(
+            &mut out,
+            "azure_proxy_upstream_duration_seconds",
+            "Time from sending an attempt to its response head (or failure).",
+        );
+        self.stream_first_byte_seconds.render(
+            &mut out,
+            "azure_proxy_stream_first_byte_seconds",
+            "Time from request head to the first byte of a streamed (SSE) body.",
+        );
+        gauge(
+            &mut out,
+            "azure_proxy_in_flight_requests",
+            "Requests being served by a worker.",
+            self.in_flight.load(Ordering::Relaxed),
+        );
+        gauge(&mut out, "azure_proxy_queue_depth", "Requests waiting for a worker.", g.queue_depth as i64);
+        gauge(&mut out, "azure_proxy_open_connections", "Open client connections.", g.open_connections as i64);
+        gauge(
+            &mut out,
+            "azure_proxy_blocked_clients",
+            "Client addresses blocked now after bad keys.",
+            g.blocked_clients as i64,
+        );
+        let _ = writeln!(out, "# HELP azure_proxy_instance_available 1 when the instance can take requests now (not cooling down, circuit not open).");
+        let _ = writeln!(out, "# TYPE azure_proxy_instance_available gauge");
+        for (name, up) in &g.instances {
+            let _ = writeln!(out, "azure_proxy_instance_available{{instance=\"{}\"}} {}", escape(name), u8::from(*up));
+        }
+        out
+    }
+}
+
+fn counter_header(out: &mut String, name: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+}
+
+fn counter(out: &mut String, name: &str, help: &str, v: &AtomicU64) {
+    counter_header(out, name, help);
+    let _ = writeln!(out, "{name} {}", v.load(Ordering::Relaxed));
+}
+
+fn gauge(out: &mut String, name: &str, help: &str, v: i64) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
+}
+
+/// Label values: backslash, double quote and newline escaped (exposition format 0.0.4).
+fn escape(v: &str) -> String {
+    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+/// The route class of a path, a small fixed set so that label cardinality stays bounded.
+pub fn route_class(path: &str) -> &'static str {
+    if !path.starts_with("/openai/") {
+        return match path {
+            "/healthz" | "/readyz" | "/metrics" => "admin",
+            _ => "not_found",
+        };
+    }
+    let classes = [
+        ("/chat/completions", "chat"),
+        ("/completions", "completions"),
+        ("/embeddings", "embeddings"),
+        ("/responses", "responses"),
+        ("/images/", "images"),
+        ("/audio/", "audio"),
+    ];
+    classes.iter().find(|(needle, _)| path.contains(needle)).map_or("other", |(_, class)| class)
+}
+
+/// The tail of a response body, kept while it is copied, to read the token `usage` at the end.
+#[derive(Default)]
+pub struct UsageTail {
+    buf: Vec<u8>,
+}
+
+impl UsageTail {
+    pub fn push(&mut self, bytes: &[u8]) {
+        if bytes.len() >= USAGE_TAIL_BYTES {
+            self.buf.clear();
+            self.buf.extend_from_slice(&bytes[bytes.len() - USAGE_TAIL_BYTES..]);
+            return;
+        }
+        let overflow = (self.buf.len() + bytes.len()).saturating_sub(USAGE_TAIL_BYTES);
+        self.buf.drain(..overflow);
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// (prompt_tokens, completion_tokens) of the last `"usage"` object in the tail, if there is one.
+    pub fn usage(&self) -> Option<(u64, u64)> {
+        let text = std::str::from_utf8(&self.buf).ok().or_else(|| {
+            let start = self.buf.iter().position(|b| b.is_ascii())?;
+            std::str::from_utf8(&self.buf[start..]).ok()
+        })?;
+        let at = text.rfind("\"usage\"")?;
+        let usage = &text[at..];
+        let end = usage.find('}').unwrap_or(usage.len());
+        let object = &usage[..end];
+        Some((number_after(object, "\"prompt_tokens\"")?, number_after(object, "\"completion_tokens\"")?))
+    }
+}
+
+fn number_after(text: &str, key: &str) -> Option<u64> {
+    let rest = &text[text.find(key)? + key.len()..];
+    let rest = rest.trim_start().strip_prefix(':')?.trim_start();
+    let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn usage_from_a_json_body_and_from_a_final_sse_chunk() {
+        let mut t = UsageTail::default();
+        t.push(br#"{"choices":[],"usage":{"completion_tokens":3,"prompt_tokens":10,"total_tokens":13}}"#);
+        assert_eq!(t.usage(), Some((10, 3)));
+        let mut t = UsageTail::default();
+        t.push(b"data: {\"choices\":[{\"delta\":{}}]}\n\n");
+        t.push(
+            b"data: {\"choices\":[],\"usage\":{\"prompt_tokens\": 7, \"completion_tokens\": 21}}\n\ndata: [DONE]\n\n",
+        );
+        assert_eq!(t.usage(), Some((7, 21)));
+        let mut t = UsageTail::default();
+        t.push(&vec![b'x'; 10_000]);
+        assert_eq!(t.usage(), None);
+        assert!(t.buf.len() <= USAGE_TAIL_BYTES);
+    }
+
+    #[test]
+    fn route_classes() {
+        assert_eq!(route_class("/openai/deployments/x/chat/completions"), "chat");
+        assert_eq!(route_class("/openai/deployments/x/completions"), "completions");
+        assert_eq!(route_class("/openai/v1/responses"), "responses");
+        assert_eq!(route_class("/openai/models"), "other");
+        assert_eq!(route_class("/healthz"), "admin");
+        assert_eq!(route_class("/x"), "not_found");
+    }
+
+    #[test]
+    fn exposition_format() {
+        let m = Metrics::default();
+        m.request("chat", 200, Duration::from_millis(30));
+        m.attempt("we\"ird", "429", Duration::from_millis(5));
+        m.tokens("east", "gpt-4o", 10, 3);
+        let text = m.render(&Gauges {
+            queue_depth: 2,
+            open_connections: 5,
+            blocked_clients: 0,
+            instances: vec![("east", true)],
+        });
+        assert!(text.contains("azure_proxy_requests_total{route=\"chat\",status=\"200\"} 1\n"), "{text}");
+        assert!(text.contains("instance=\"we\\\"ird\""), "{text}");
+        assert!(text.contains("azure_proxy_request_duration_seconds_bucket{le=\"0.05\"} 1\n"), "{text}");
+        assert!(text.contains("azure_proxy_request_duration_seconds_bucket{le=\"+Inf\"} 1\n"), "{text}");
+        assert!(text.contains("azure_proxy_tokens_total{instance=\"east\",deployment=\"gpt-4o\",kind=\"prompt\"} 10"));
+        assert!(text.contains("azure_proxy_instance_available{instance=\"east\"} 1"));
+        for line in text.lines() {
+            assert!(line.starts_with('#') || line.starts_with("azure_proxy_"), "{line}");
+        }
+    }
+}
