@@ -176,6 +176,8 @@ fn build_agent(config: &Config) -> Agent {
         .proxy(None)
         .no_delay(true)
         .timeout_connect(Some(config.connect_timeout))
+        // ureq's connect timeout does not cover the name lookup; a hung resolver must not hold a worker forever.
+        .timeout_resolve(Some(config.connect_timeout))
         .timeout_recv_response(Some(config.upstream_response_timeout))
         .timeout_per_read(Some(config.upstream_read_timeout))
         // 128 KiB each by default, per upstream connection: 256 open streams held 84 MiB. The input buffer grows
