@@ -171,6 +171,8 @@ pub struct Config {
     pub admin_endpoints: Vec<String>,
     /// Serve the admin endpoints here instead of on `listen`.
     pub admin_listen: Option<SocketAddr>,
+    /// `LOG_FORMAT=json`: access lines as JSON objects.
+    pub access_log_json: bool,
     /// On SIGTERM/SIGINT: stop accepting, finish requests in flight for at most this long, exit 0.
     pub drain: Duration,
     pub routing: Routing,
@@ -510,6 +512,15 @@ impl Config {
             drain: Duration::from_secs(raw.drain_seconds.unwrap_or(DEFAULT_DRAIN_SECONDS)),
             admin_endpoints,
             admin_listen,
+            access_log_json: match env.var("LOG_FORMAT").as_deref().map(str::trim) {
+                None | Some("") | Some("text") => false,
+                Some("json") => true,
+                Some(other) => {
+                    return Err(ConfigError {
+                        message: format!("environment variable LOG_FORMAT={other:?}: use text or json"),
+                    })
+                }
+            },
             routing,
         };
         Ok(config)

@@ -11,6 +11,7 @@
 //! 4. `serve` logs the access line and gives a keep-alive connection back to `front`.
 #![deny(unsafe_op_in_unsafe_fn)]
 
+pub mod access_log;
 pub mod admin;
 pub mod balancer;
 pub mod cli;

@@ -7,6 +7,7 @@ use std::net::IpAddr;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
+use crate::access_log;
 use crate::admin;
 use crate::client_ip;
 use crate::guard::Verdict;
@@ -36,19 +37,19 @@ pub fn serve(state: &State, mut conn: Conn, head: Head, draining: bool) -> Optio
     let relayed = handle(state, &mut conn, &head, &rid, client, persist, started);
     state.metrics.in_flight.fetch_sub(1, Ordering::Relaxed);
     state.metrics.request(metrics::route_class(head.path()), relayed.status, started.elapsed());
-    log::info!(
-        target: "access",
-        "{rid} client={} method={} path={} status={} instance={} attempts={} duration_ms={} bytes={}{}",
+    let entry = access_log::Entry {
+        request_id: &rid,
         client,
-        head.method,
-        printable(head.path()),
-        relayed.status,
-        relayed.instance.as_deref().unwrap_or("-"),
-        relayed.attempts,
-        started.elapsed().as_millis(),
-        relayed.bytes,
-        relayed.note.map(|n| format!(" note={n}")).unwrap_or_default(),
-    );
+        method: &head.method,
+        path: head.path(),
+        status: relayed.status,
+        instance: relayed.instance.as_deref(),
+        attempts: relayed.attempts,
+        duration: started.elapsed(),
+        bytes: relayed.bytes,
+        note: relayed.note,
+    };
+    access_log::write(&entry, state.config.access_log_json);
     if relayed.reusable && wants_keep_alive {
         Some(conn)
     } else {
@@ -219,9 +220,4 @@ fn handle(
 
     let ex = Exchange { head, framing, body: &body, request_id: rid, started };
     relay::relay(state, &ex, &mut conn.stream, persist)
-}
-
-/// The path as it may appear in a log line: at most 256 characters; it is already visible ASCII when valid.
-fn printable(path: &str) -> String {
-    path.chars().take(256).map(|c| if c.is_ascii_graphic() { c } else { '?' }).collect()
 }

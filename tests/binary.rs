@@ -182,3 +182,36 @@ fn no_key_ever_appears_in_logs_or_responses() {
         }
     }
 }
+
+#[test]
+fn log_format_json_writes_one_object_per_request() {
+    let m = MockAzure::start(azure_like("east", "k", Duration::from_millis(1)));
+    let path = write_config(
+        "json-log.json",
+        &format!(
+            r#"{{"instances": [{{"endpoint": "{}", "api_key": "k", "name": "east"}}], "client_keys": ["ck"]}}"#,
+            m.url()
+        ),
+    );
+    let p = Running::start(&path, &[("LOG_FORMAT", "json")]);
+    let r = call(p.addr, "POST", CHAT, &[("api-key", "ck"), ("x-request-id", "json-1")], b"{}");
+    assert_eq!(r.status, 200);
+    let log = p.log_when(|l| l.contains("json-1"));
+    let line = log.iter().find(|l| l.contains("json-1")).expect("access line");
+    let v: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+    assert_eq!(v["request_id"], "json-1");
+    assert_eq!(v["client"], "127.0.0.1");
+    assert_eq!((v["method"].as_str(), v["status"].as_u64()), (Some("POST"), Some(200)));
+    assert_eq!(v["path"], "/openai/deployments/gpt-4o/chat/completions");
+    assert_eq!((v["instance"].as_str(), v["attempts"].as_u64()), (Some("east"), Some(1)));
+    assert!(v["duration_ms"].is_u64() && v["bytes"].as_u64().unwrap_or(0) > 0, "{line}");
+    assert!(v["ts"].as_str().is_some_and(|t| t.ends_with('Z') && t.len() == 24), "{line}");
+
+    let bad = Command::new(BIN)
+        .args(["--config", path.to_str().expect("path"), "--check-config"])
+        .env("LOG_FORMAT", "xml")
+        .output();
+    let bad = bad.expect("run");
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("LOG_FORMAT"));
+}

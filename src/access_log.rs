@@ -1,0 +1,106 @@
+//! The access log: one line per request, as text through `log` (default) or, with `LOG_FORMAT=json`, as one
+//! JSON object per line written straight to stderr (so that the line is JSON from its first byte; the `log`
+//! crate's logger would put its own prefix in front).
+
+use std::io::Write;
+use std::net::IpAddr;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// The fields of one access line.
+pub struct Entry<'a> {
+    pub request_id: &'a str,
+    pub client: IpAddr,
+    pub method: &'a str,
+    pub path: &'a str,
+    pub status: u16,
+    pub instance: Option<&'a str>,
+    pub attempts: usize,
+    pub duration: Duration,
+    pub bytes: u64,
+    pub note: Option<&'static str>,
+}
+
+pub fn write(entry: &Entry, json: bool) {
+    let path = printable(entry.path);
+    if !json {
+        log::info!(
+            target: "access",
+            "{} client={} method={} path={} status={} instance={} attempts={} duration_ms={} bytes={}{}",
+            entry.request_id,
+            entry.client,
+            entry.method,
+            path,
+            entry.status,
+            entry.instance.unwrap_or("-"),
+            entry.attempts,
+            entry.duration.as_millis(),
+            entry.bytes,
+            entry.note.map(|n| format!(" note={n}")).unwrap_or_default(),
+        );
+        return;
+    }
+    if !log::log_enabled!(target: "access", log::Level::Info) {
+        return;
+    }
+    let object = serde_json::json!({
+        "ts": utc_timestamp(SystemTime::now()),
+        "level": "INFO",
+        "request_id": entry.request_id,
+        "client": entry.client.to_string(),
+        "method": entry.method,
+        "path": path,
+        "status": entry.status,
+        "instance": entry.instance,
+        "attempts": entry.attempts,
+        "duration_ms": entry.duration.as_millis() as u64,
+        "bytes": entry.bytes,
+        "note": entry.note,
+    });
+    let mut line = serde_json::to_vec(&object).unwrap_or_default();
+    line.push(b'\n');
+    // One write of the whole line, so that lines from several workers never interleave.
+    let _ = std::io::stderr().lock().write_all(&line);
+}
+
+/// The path as it may appear in a log line: at most 256 characters; it is already visible ASCII when valid.
+fn printable(path: &str) -> String {
+    path.chars().take(256).map(|c| if c.is_ascii_graphic() { c } else { '?' }).collect()
+}
+
+/// `2026-11-25T14:09:06.861Z`, the same form as the text log's timestamps.
+fn utc_timestamp(t: SystemTime) -> String {
+    let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let secs = d.as_secs() as i64;
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        d.subsec_millis()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps() {
+        assert_eq!(utc_timestamp(UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
+        let t = UNIX_EPOCH + Duration::from_millis(1_709_164_800_123);
+        assert_eq!(utc_timestamp(t), "2024-02-29T00:00:00.123Z");
+        let t = UNIX_EPOCH + Duration::from_secs(784_111_777);
+        assert_eq!(utc_timestamp(t), "1994-11-06T08:49:37.000Z");
+    }
+}
