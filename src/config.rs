@@ -171,6 +171,10 @@ pub struct Config {
     pub admin_endpoints: Vec<String>,
     /// Serve the admin endpoints here instead of on `listen`.
     pub admin_listen: Option<SocketAddr>,
+    /// Extra root CAs for upstream TLS (from `ca_bundle`), with the system's bundle; None: the built-in roots.
+    pub upstream_roots: Option<Vec<ureq::tls::Certificate<'static>>>,
+    /// How upstream connections leave the host.
+    pub egress_proxy: EgressProxy,
     /// `LOG_FORMAT=json`: access lines as JSON objects.
     pub access_log_json: bool,
     /// On SIGTERM/SIGINT: stop accepting, finish requests in flight for at most this long, exit 0.
@@ -209,6 +213,8 @@ struct FileConfig {
     drain_seconds: Option<u64>,
     admin_endpoints: Option<Vec<String>>,
     admin_listen: Option<String>,
+    ca_bundle: Option<PathBuf>,
+    egress_proxy: Option<String>,
     max_attempts: Option<usize>,
     attempt_deadline_ms: Option<u64>,
     cooldown_ms: Option<u64>,
@@ -404,6 +410,20 @@ impl Config {
             None => None,
             Some(a) => Some(a.parse::<SocketAddr>().map_err(|_| err("admin_listen", format!("{a:?} is not IP:PORT")))?),
         };
+        let upstream_roots = match &raw.ca_bundle {
+            None => None,
+            Some(path) => Some(load_roots(path, env).map_err(|m| err("ca_bundle", m))?),
+        };
+        let egress_proxy = match raw.egress_proxy.as_deref().map(str::trim) {
+            None | Some("") | Some("none") => EgressProxy::Direct,
+            Some("env") => EgressProxy::FromEnvironment,
+            Some(url) => {
+                ureq::Proxy::new(url).map_err(|e| {
+                    err("egress_proxy", format!("{e}; use http://host:port (or \"env\" for HTTPS_PROXY/ALL_PROXY)"))
+                })?;
+                EgressProxy::Url(Secret::new(url))
+            }
+        };
         let mut trusted_proxies = Vec::new();
         for (i, text) in raw.trusted_proxies.unwrap_or_default().iter().enumerate() {
             trusted_proxies.push(Cidr::parse(text).map_err(|m| err(&format!("trusted_proxies[{i}]"), m))?);
@@ -512,6 +532,8 @@ impl Config {
             drain: Duration::from_secs(raw.drain_seconds.unwrap_or(DEFAULT_DRAIN_SECONDS)),
             admin_endpoints,
             admin_listen,
+            upstream_roots,
+            egress_proxy,
             access_log_json: match env.var("LOG_FORMAT").as_deref().map(str::trim) {
                 None | Some("") | Some("text") => false,
                 Some("json") => true,
@@ -532,6 +554,42 @@ impl Config {
         let clients = self.client_keys.iter().map(|k| k.expose().to_string());
         upstream.chain(clients).collect()
     }
+}
+
+/// How upstream connections leave the host.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum EgressProxy {
+    /// Straight to the instance (the default: `HTTPS_PROXY` and friends are ignored unless asked for).
+    Direct,
+    /// Through the proxy named by `ALL_PROXY`/`HTTPS_PROXY`/`HTTP_PROXY` (and `NO_PROXY`), read at start.
+    FromEnvironment,
+    /// Through this HTTP CONNECT proxy (it may carry credentials, hence `Secret`).
+    Url(Secret),
+}
+
+/// The certificates of `ca_bundle`, plus the system's bundle (`SSL_CERT_FILE`, else Debian's path) when there is
+/// one: the built-in Mozilla roots cannot be combined with extra ones, and a private CA must not cut the proxy
+/// off from public endpoints.
+fn load_roots(path: &Path, env: &dyn Env) -> Result<Vec<ureq::tls::Certificate<'static>>, String> {
+    let pem = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let mut certs = pem_certificates(&pem);
+    if certs.is_empty() {
+        return Err(format!("{} holds no PEM certificate", path.display()));
+    }
+    let system = env.var("SSL_CERT_FILE").unwrap_or_else(|| "/etc/ssl/certs/ca-certificates.crt".to_string());
+    if let Ok(pem) = std::fs::read(&system) {
+        certs.extend(pem_certificates(&pem));
+    }
+    Ok(certs)
+}
+
+fn pem_certificates(pem: &[u8]) -> Vec<ureq::tls::Certificate<'static>> {
+    ureq::tls::parse_pem(pem)
+        .filter_map(|item| match item {
+            Ok(ureq::tls::PemItem::Certificate(c)) => Some(c),
+            _ => None,
+        })
+        .collect()
 }
 
 /// `https://host[:port][/]` → (`https://host[:port]`, `host[:port]`), the second being the default instance name

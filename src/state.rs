@@ -6,10 +6,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 
 use ureq::http::header::{HeaderName, HeaderValue};
+use ureq::tls::{RootCerts, TlsConfig};
 use ureq::Agent;
 
 use crate::balancer::Balancer;
-use crate::config::Config;
+use crate::config::{Config, EgressProxy};
 use crate::guard::Guard;
 use crate::metrics::Metrics;
 
@@ -166,14 +167,24 @@ const UPSTREAM_BUFFER_BYTES: usize = 16 * 1024;
 /// response-head and per-read timeouts only, because a whole-body timeout would cut long streams.
 fn build_agent(config: &Config) -> Agent {
     let idle_per_host = config.workers;
+    let proxy = match &config.egress_proxy {
+        EgressProxy::Direct => None,
+        EgressProxy::FromEnvironment => ureq::Proxy::try_from_env(),
+        EgressProxy::Url(url) => ureq::Proxy::new(url.expose()).ok(),
+    };
+    let roots = match &config.upstream_roots {
+        Some(certs) => RootCerts::new_with_certs(certs),
+        None => RootCerts::WebPki,
+    };
     Agent::config_builder()
+        .tls_config(TlsConfig::builder().root_certs(roots).build())
         .http_status_as_error(false)
         .max_redirects(0)
         .max_redirects_will_error(false)
         .allow_non_standard_methods(true)
         .user_agent("")
         .accept("")
-        .proxy(None)
+        .proxy(proxy)
         .no_delay(true)
         .timeout_connect(Some(config.connect_timeout))
         // ureq's connect timeout does not cover the name lookup; a hung resolver must not hold a worker forever.
