@@ -9,11 +9,13 @@ use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Deserialize;
 
 use crate::client_ip::Cidr;
+use crate::http::client_stream::server_config;
 
 pub const DEFAULT_CONFIG_PATH: &str = "azure_instances.json";
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:8000";
@@ -175,6 +177,8 @@ pub struct Config {
     pub upstream_roots: Option<Vec<ureq::tls::Certificate<'static>>>,
     /// How upstream connections leave the host.
     pub egress_proxy: EgressProxy,
+    /// HTTPS for clients (`tls_cert` + `tls_key`); None: plain HTTP.
+    pub client_tls: Option<Arc<rustls::ServerConfig>>,
     /// `LOG_FORMAT=json`: access lines as JSON objects.
     pub access_log_json: bool,
     /// On SIGTERM/SIGINT: stop accepting, finish requests in flight for at most this long, exit 0.
@@ -215,6 +219,8 @@ struct FileConfig {
     admin_listen: Option<String>,
     ca_bundle: Option<PathBuf>,
     egress_proxy: Option<String>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
     max_attempts: Option<usize>,
     attempt_deadline_ms: Option<u64>,
     cooldown_ms: Option<u64>,
@@ -424,6 +430,11 @@ impl Config {
                 EgressProxy::Url(Secret::new(url))
             }
         };
+        let client_tls = match (&raw.tls_cert, &raw.tls_key) {
+            (None, None) => None,
+            (Some(cert), Some(key)) => Some(Arc::new(server_config(cert, key).map_err(|m| err("tls_cert", m))?)),
+            _ => return Err(err("tls_cert", "give both tls_cert and tls_key (PEM files), or neither".into())),
+        };
         let mut trusted_proxies = Vec::new();
         for (i, text) in raw.trusted_proxies.unwrap_or_default().iter().enumerate() {
             trusted_proxies.push(Cidr::parse(text).map_err(|m| err(&format!("trusted_proxies[{i}]"), m))?);
@@ -534,6 +545,7 @@ impl Config {
             admin_listen,
             upstream_roots,
             egress_proxy,
+            client_tls,
             access_log_json: match env.var("LOG_FORMAT").as_deref().map(str::trim) {
                 None | Some("") | Some("text") => false,
                 Some("json") => true,

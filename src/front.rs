@@ -19,7 +19,7 @@ use crossbeam_channel::{Receiver, Sender, TrySendError};
 use crate::config::{Config, Overrides, ProcessEnv};
 use crate::http::parse::{parse_head, HeadError};
 use crate::http::write::{error_json, write_json, Persist};
-use crate::http::{Conn, Head};
+use crate::http::{ClientStream, Conn, Head};
 use crate::lifecycle;
 use crate::request_id;
 use crate::state::Shared;
@@ -133,7 +133,7 @@ impl Front {
             fds.clear();
             fds.push(pollfd(self.wake_rx.as_raw_fd()));
             fds.push(pollfd(listen_fd));
-            fds.extend(self.waiting.iter().map(|w| pollfd(w.conn.stream.as_raw_fd())));
+            fds.extend(self.waiting.iter().map(|w| pollfd(w.conn.stream.tcp().as_raw_fd())));
             let next_deadline = self.waiting.iter().map(|w| w.deadline).min();
             let wait = next_deadline
                 .map(|d| d.saturating_duration_since(now))
@@ -208,6 +208,14 @@ impl Front {
                 self.waiting.swap_remove(i);
             }
             Ok(_) => {
+                // TLS: rustls may hold more decrypted bytes than one read took; no readiness event would come
+                // for them.
+                let limit = self.shared.state().config.max_head_bytes;
+                while w.conn.buf.len() <= limit && w.conn.stream.has_buffered() {
+                    if !matches!(w.conn.read_more(), Ok(n) if n > 0) {
+                        break;
+                    }
+                }
                 if was_empty {
                     // The head deadline runs from its first byte; before that, the idle timeout applied.
                     w.deadline = Instant::now() + self.shared.state().config.head_timeout;
@@ -241,7 +249,7 @@ impl Front {
     }
 
     fn dispatch(&mut self, conn: Conn, head: Head) {
-        if let Err(e) = conn.stream.set_nonblocking(false) {
+        if let Err(e) = conn.stream.tcp().set_nonblocking(false) {
             log::warn!("cannot switch a client socket to blocking mode: {e}");
             return;
         }
@@ -277,11 +285,14 @@ impl Front {
         while matches!((&self.wake_rx).read(&mut sink), Ok(n) if n > 0) {}
         let state = self.shared.state();
         while let Ok(mut conn) = self.returned.try_recv() {
-            if self.drain_deadline.is_some() || conn.stream.set_nonblocking(true).is_err() {
+            if self.drain_deadline.is_some() || conn.stream.tcp().set_nonblocking(true).is_err() {
                 continue;
             }
             // A large chunked body may have grown the buffer; an idle connection keeps only what it needs.
             conn.buf.shrink_to(1024);
+            if conn.stream.has_buffered() {
+                let _ = conn.read_more();
+            }
             let has_bytes = !conn.buf.is_empty();
             let deadline = if has_bytes {
                 Instant::now() + state.config.head_timeout
@@ -338,7 +349,9 @@ impl Front {
         let Ok((stream, peer)) = accepted else { return false };
         self.shared.state().metrics.shed.fetch_add(1, Ordering::Relaxed);
         log::warn!("out of file descriptors; answering {} with 503", peer.ip());
-        let conn = Conn::new(stream, peer, &self.open);
+        // Plain text even on a TLS listener: there is no descriptor to spare for a handshake; the client sees a
+        // failed connection either way, and this at least frees the backlog slot at once.
+        let conn = Conn::new(ClientStream::Plain(stream), peer, &self.open);
         canned(conn, 503, "the proxy is out of file descriptors; retry shortly", &[("Retry-After", "1")]);
         true
     }
@@ -352,6 +365,16 @@ impl Front {
         if !ok {
             return;
         }
+        let stream = match &cfg.client_tls {
+            None => ClientStream::Plain(stream),
+            Some(tls) => match ClientStream::tls(stream, tls) {
+                Ok(s) => s,
+                Err(e) => {
+                    log::warn!("cannot start TLS for {}: {e}", peer.ip());
+                    return;
+                }
+            },
+        };
         let conn = Conn::new(stream, peer, &self.open);
         if self.open.load(Ordering::Relaxed) > cfg.max_connections {
             state.metrics.shed.fetch_add(1, Ordering::Relaxed);
@@ -380,5 +403,5 @@ fn canned(mut conn: Conn, status: u16, message: &str, extra: &[(&str, &str)]) {
     let kind = if status >= 500 { "server_error" } else { "invalid_request_error" };
     let body = error_json(message, kind, &status.to_string(), &rid);
     let _ = write_json(&mut conn.stream, status, &rid, &body, extra, Persist::Close);
-    let _ = conn.stream.shutdown(std::net::Shutdown::Write);
+    let _ = conn.stream.tcp().shutdown(std::net::Shutdown::Write);
 }

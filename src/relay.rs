@@ -6,13 +6,13 @@
 //! instance may succeed on another), plus connection, DNS and TLS errors and timeouts before the response head.
 //! Once the head has been written to the client nothing is retried: the client sees the stream or an error.
 
-use std::net::TcpStream;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use ureq::http::Method;
 
 use crate::balancer::{Observation, Plan};
+use crate::http::ClientStream;
 use crate::http::parse::{Framing, Head};
 use crate::http::write::{self, Persist};
 use crate::state::State;
@@ -62,7 +62,7 @@ pub struct Relayed {
 
 /// Runs the attempts and writes the answer to `client`. Never fails: every outcome becomes a response (or, if
 /// the client is gone, a note in the access log).
-pub fn relay(state: &State, ex: &Exchange, client: &mut TcpStream, persist: Persist) -> Relayed {
+pub fn relay(state: &State, ex: &Exchange, client: &mut ClientStream, persist: Persist) -> Relayed {
     let rid = ex.request_id;
     let method = match Method::from_bytes(ex.head.method.as_bytes()) {
         Ok(m) => m,
@@ -173,7 +173,7 @@ pub fn relay(state: &State, ex: &Exchange, client: &mut TcpStream, persist: Pers
 /// wait as Azure asked), 503 when circuits are open; `Retry-After` says when the first one is back. No instance
 /// is called: answering at once beats a round trip that is known to fail.
 fn unavailable(
-    client: &mut TcpStream,
+    client: &mut ClientStream,
     rid: &str,
     retry_after: Duration,
     all_cooling: bool,
@@ -231,7 +231,7 @@ impl Relayed {
 
 /// Every attempt failed: 429 with the shortest `Retry-After` when all were throttled, 504 when the last failure
 /// was a timeout, 502 otherwise. The body names instances and outcomes, never a key.
-fn fallback(client: &mut TcpStream, ex: &Exchange, attempts: &[Attempt], persist: Persist) -> Relayed {
+fn fallback(client: &mut ClientStream, ex: &Exchange, attempts: &[Attempt], persist: Persist) -> Relayed {
     let all_throttled =
         !attempts.is_empty() && attempts.iter().all(|a| matches!(a.outcome, Outcome::Status { status: 429, .. }));
     let last_timeout =
@@ -276,7 +276,7 @@ fn fallback(client: &mut TcpStream, ex: &Exchange, attempts: &[Attempt], persist
 
 /// Writes a small JSON answer produced by the proxy itself (not relayed from an instance).
 pub fn respond_json(
-    client: &mut TcpStream,
+    client: &mut ClientStream,
     rid: &str,
     status: u16,
     body: &serde_json::Value,
@@ -289,7 +289,7 @@ pub fn respond_json(
 
 /// Writes a small answer produced by the proxy itself, head and body in one write.
 pub fn respond_bytes(
-    client: &mut TcpStream,
+    client: &mut ClientStream,
     rid: &str,
     status: u16,
     content_type: &str,
@@ -308,7 +308,7 @@ pub fn respond_bytes(
 
 /// An error answer in the OpenAI envelope; `code` is the status as a string, as Azure's own errors do.
 pub fn respond_error(
-    client: &mut TcpStream,
+    client: &mut ClientStream,
     rid: &str,
     status: u16,
     kind: &str,

@@ -103,7 +103,7 @@ fn work(shared: &Shared, jobs: crossbeam_channel::Receiver<Job>, returner: &Retu
             // Each request takes the configuration current when it starts, and keeps it to its end.
             let state = shared.state();
             if !conn.worker_ready {
-                if let Err(e) = conn.stream.set_read_timeout(Some(state.config.body_read_timeout)) {
+                if let Err(e) = conn.stream.tcp().set_read_timeout(Some(state.config.body_read_timeout)) {
                     log::warn!("cannot set a read timeout on a client socket: {e}");
                     break;
                 }
@@ -146,7 +146,8 @@ enum Next {
 fn next_request_here(state: &State, conn: &mut Conn, jobs: &crossbeam_channel::Receiver<Job>) -> Next {
     let cfg = &state.config;
     if conn.buf.is_empty() {
-        if !jobs.is_empty() || cfg.keepalive_linger.is_zero() || !readable_within(&conn.stream, cfg.keepalive_linger) {
+        let ready = conn.stream.has_buffered() || readable_within(conn.stream.tcp(), cfg.keepalive_linger);
+        if !jobs.is_empty() || cfg.keepalive_linger.is_zero() || !ready {
             return Next::ToFront;
         }
         match conn.read_more() {

@@ -5,12 +5,12 @@
 
 use std::cell::RefCell;
 use std::io::{self, Read, Write};
-use std::net::TcpStream;
 use std::time::Instant;
 
 use ureq::http;
 
 use crate::http::conn::abort;
+use crate::http::ClientStream;
 use crate::http::write::{self, Persist, ResponseHead, BROKEN_CHUNK, CHUNK_BUF, CHUNK_DATA, CHUNK_PREFIX, LAST_CHUNK};
 use crate::metrics::{Metrics, UsageTail};
 use crate::relay::{Exchange, Relayed};
@@ -67,7 +67,7 @@ impl Watch<'_> {
 pub fn stream_response(
     resp: http::Response<ureq::Body>,
     ex: &Exchange,
-    client: &mut TcpStream,
+    client: &mut ClientStream,
     persist: Persist,
     tally: Tally,
 ) -> Relayed {
@@ -154,7 +154,7 @@ thread_local! {
 /// first write.
 fn copy_body(
     reader: impl Read,
-    client: &mut TcpStream,
+    client: &mut ClientStream,
     out: Out,
     pending_head: Vec<u8>,
     relayed: &mut Relayed,
@@ -166,7 +166,7 @@ fn copy_body(
 fn copy_with(
     buf: &mut [u8],
     mut reader: impl Read,
-    client: &mut TcpStream,
+    client: &mut ClientStream,
     out: Out,
     mut pending_head: Vec<u8>,
     relayed: &mut Relayed,
@@ -187,7 +187,7 @@ fn copy_with(
                     Out::Chunked => {
                         let _ = client.write_all(BROKEN_CHUNK);
                     }
-                    Out::UntilClose => abort(client),
+                    Out::UntilClose => abort(client.tcp()),
                     Out::Length(_) | Out::Empty => {}
                 }
                 return;
@@ -220,7 +220,7 @@ fn copy_with(
 }
 
 /// Writes `a` then `b`, in one system call when the socket takes it all.
-fn write_both(stream: &mut TcpStream, a: &[u8], b: &[u8]) -> io::Result<()> {
+fn write_both(stream: &mut ClientStream, a: &[u8], b: &[u8]) -> io::Result<()> {
     let n = stream.write_vectored(&[io::IoSlice::new(a), io::IoSlice::new(b)])?;
     if n < a.len() {
         stream.write_all(&a[n..])?;

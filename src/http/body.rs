@@ -200,7 +200,7 @@ mod tests {
         let (s, peer) = l.accept().expect("accept");
         c.write_all(bytes).expect("write");
         drop(c);
-        Conn::new(s, peer, &Arc::new(AtomicUsize::new(0)))
+        Conn::new(crate::http::ClientStream::Plain(s), peer, &Arc::new(AtomicUsize::new(0)))
     }
 
     #[test]

@@ -3,6 +3,8 @@
 
 use std::io::{self, Read};
 use std::net::{SocketAddr, TcpStream};
+
+use super::client_stream::ClientStream;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -10,7 +12,7 @@ use std::sync::Arc;
 const READ_SIZE: usize = 16 * 1024;
 
 pub struct Conn {
-    pub stream: TcpStream,
+    pub stream: ClientStream,
     pub peer: SocketAddr,
     pub buf: Vec<u8>,
     /// Whether a worker has already set this socket's read timeout (it is set once per connection).
@@ -20,7 +22,7 @@ pub struct Conn {
 }
 
 impl Conn {
-    pub fn new(stream: TcpStream, peer: SocketAddr, open: &Arc<AtomicUsize>) -> Conn {
+    pub fn new(stream: ClientStream, peer: SocketAddr, open: &Arc<AtomicUsize>) -> Conn {
         open.fetch_add(1, Ordering::Relaxed);
         Conn { stream, peer, buf: Vec::new(), worker_ready: false, _slot: Slot(Arc::clone(open)) }
     }

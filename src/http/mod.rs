@@ -4,9 +4,11 @@
 //! It deliberately does not do routing, auth or upstream work; those live in `serve`, `guard` and `relay`.
 
 pub mod body;
+pub mod client_stream;
 pub mod conn;
 pub mod parse;
 pub mod write;
 
+pub use client_stream::ClientStream;
 pub use conn::Conn;
 pub use parse::{Head, HeadError};

@@ -3,7 +3,6 @@
 //! socket (no buffering layer), so what is written is on the wire when the call returns.
 
 use std::io::{self, Write};
-use std::net::TcpStream;
 use std::ops::Range;
 
 /// Room before a chunk's data for its size line: up to 16 hex digits and CRLF.
@@ -71,7 +70,7 @@ pub fn error_json(message: &str, kind: &str, code: &str, request_id: &str) -> se
 
 /// Writes a complete small response with a JSON body. Returns the body size.
 pub fn write_json(
-    stream: &mut TcpStream,
+    stream: &mut impl Write,
     status: u16,
     request_id: &str,
     body: &serde_json::Value,
@@ -84,7 +83,7 @@ pub fn write_json(
 
 /// Writes a complete small response (head and body in one write). Returns the body size.
 pub fn write_small(
-    stream: &mut TcpStream,
+    stream: &mut impl Write,
     status: u16,
     request_id: &str,
     content_type: &str,
