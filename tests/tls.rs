@@ -1,0 +1,251 @@
+//! TLS on both sides: the proxy's own HTTPS listener (`tls_cert` + `tls_key`), an upstream behind a private CA
+//! (`ca_bundle`), and upstream traffic through an HTTP CONNECT proxy (`egress_proxy`). The certificates are test
+//! fixtures made with openssl (see tests/fixtures/README.md).
+
+mod support;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::Duration;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+
+use azure_proxy::config::{Config, Overrides};
+use support::client::call;
+use support::mock::{azure_like, MockAzure, Recorded, Reply};
+use support::proxy::{self, NoEnv, CHAT};
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// A TLS client that trusts only the private test CA.
+fn tls_connect(addr: SocketAddr) -> rustls::StreamOwned<rustls::ClientConnection, TcpStream> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(CertificateDer::from_pem_file(fixture("private-ca.pem")).expect("ca")).expect("add ca");
+    let config = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let name = ServerName::try_from("127.0.0.1").expect("name").to_owned();
+    let conn = rustls::ClientConnection::new(Arc::new(config), name).expect("client");
+    let tcp = TcpStream::connect(addr).expect("connect");
+    tcp.set_read_timeout(Some(Duration::from_secs(20))).expect("timeout");
+    rustls::StreamOwned::new(conn, tcp)
+}
+
+fn tls_proxy(mocks: &[&MockAzure]) -> SocketAddr {
+    let extra = serde_json::json!({
+        "tls_cert": fixture("localhost-cert.pem"),
+        "tls_key": fixture("localhost-key.pem"),
+    });
+    proxy::start_with(proxy::instances_for(mocks), extra).addr
+}
+
+/// Reads one response head from a TLS stream, byte by byte.
+fn read_head(s: &mut impl Read) -> String {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(s.read(&mut byte).expect("read head"), 1, "EOF in head: {}", String::from_utf8_lossy(&head));
+        head.push(byte[0]);
+    }
+    String::from_utf8_lossy(&head).into_owned()
+}
+
+fn content_length(head: &str) -> usize {
+    head.lines()
+        .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse().expect("len")))
+        .expect("content-length")
+}
+
+#[test]
+fn https_listener_serves_keep_alive_requests() {
+    let m = MockAzure::start(azure_like("east", "key0", Duration::from_millis(1)));
+    let addr = tls_proxy(&[&m]);
+    let mut tls = tls_connect(addr);
+    for _ in 0..3 {
+        let req = format!("POST {CHAT} HTTP/1.1\r\nHost: x\r\napi-key: client-key\r\nContent-Length: 2\r\n\r\n{{}}");
+        tls.write_all(req.as_bytes()).expect("write");
+        let head = read_head(&mut tls);
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        let mut body = vec![0u8; content_length(&head)];
+        tls.read_exact(&mut body).expect("body");
+        assert!(String::from_utf8_lossy(&body).contains("Hello from east"));
+    }
+    // Plain HTTP on the TLS port gets no HTTP answer.
+    let mut plain = TcpStream::connect(addr).expect("connect");
+    plain.set_read_timeout(Some(Duration::from_secs(20))).expect("timeout");
+    plain.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").expect("write");
+    let mut out = Vec::new();
+    let _ = plain.read_to_end(&mut out);
+    assert!(!out.starts_with(b"HTTP/1.1 200"), "plain HTTP must not be served on the TLS port");
+}
+
+#[test]
+fn https_listener_streams_events_live() {
+    let (open_gate, gate) = mpsc::channel::<()>();
+    let gate = Mutex::new(Some(gate));
+    let m = MockAzure::start(move |_: &Recorded| Reply::Sse {
+        events: vec!["data: one\n\n".into(), "data: two\n\n".into()],
+        pause: Duration::ZERO,
+        gate: gate.lock().expect("gate").take(),
+    });
+    let addr = tls_proxy(&[&m]);
+    let mut tls = tls_connect(addr);
+    let req = format!("POST {CHAT} HTTP/1.1\r\nHost: x\r\napi-key: client-key\r\nContent-Length: 2\r\n\r\n{{}}");
+    tls.write_all(req.as_bytes()).expect("write");
+    let head = read_head(&mut tls);
+    assert!(head.contains("transfer-encoding: chunked") || head.contains("Transfer-Encoding: chunked"), "{head}");
+    let mut reader = BufReader::new(tls);
+    let mut seen = String::new();
+    while !seen.contains("data: one") {
+        let mut line = String::new();
+        assert!(reader.read_line(&mut line).expect("line") > 0, "stream ended early");
+        seen.push_str(&line);
+    }
+    // The first event arrived before the upstream was allowed to send the second.
+    open_gate.send(()).expect("gate");
+    while !seen.contains("data: two") {
+        let mut line = String::new();
+        assert!(reader.read_line(&mut line).expect("line") > 0, "stream ended early");
+        seen.push_str(&line);
+    }
+}
+
+#[test]
+fn tls_cert_without_key_is_a_config_error() {
+    let text = format!(
+        r#"{{"instances": [{{"endpoint": "https://a.example", "api_key": "k"}}], "tls_cert": {:?}}}"#,
+        fixture("localhost-cert.pem")
+    );
+    let e = Config::from_json(&text, Path::new("t.json"), &Overrides::default(), &NoEnv).expect_err("no key");
+    assert!(e.message.contains("tls_cert") && e.message.contains("tls_key"), "{}", e.message);
+    let text = format!(
+        r#"{{"instances": [{{"endpoint": "https://a.example", "api_key": "k"}}], "tls_cert": {:?}, "tls_key": {:?}}}"#,
+        fixture("localhost-cert.pem"),
+        fixture("wrong-key.pem")
+    );
+    let e = Config::from_json(&text, Path::new("t.json"), &Overrides::default(), &NoEnv).expect_err("mismatch");
+    assert!(e.message.contains("tls_cert"), "{}", e.message);
+}
+
+/// An HTTPS upstream with the localhost certificate signed by the private test CA; answers every request 200.
+fn private_ca_upstream() -> (SocketAddr, Arc<AtomicUsize>) {
+    let cert = CertificateDer::from_pem_file(fixture("localhost-cert.pem")).expect("cert");
+    let key = PrivateKeyDer::from_pem_file(fixture("localhost-key.pem")).expect("key");
+    let config = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_no_client_auth()
+        .with_single_cert(vec![cert], key)
+        .expect("server config");
+    let config = Arc::new(config);
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let served = Arc::new(AtomicUsize::new(0));
+    let count = Arc::clone(&served);
+    std::thread::spawn(move || {
+        for tcp in listener.incoming().map_while(Result::ok) {
+            let (config, count) = (Arc::clone(&config), Arc::clone(&count));
+            std::thread::spawn(move || {
+                let _ = tcp.set_read_timeout(Some(Duration::from_secs(5)));
+                let conn = rustls::ServerConnection::new(config).expect("conn");
+                let mut tls = rustls::StreamOwned::new(conn, tcp);
+                let mut buf = [0u8; 8192];
+                if tls.read(&mut buf).unwrap_or(0) == 0 {
+                    return;
+                }
+                count.fetch_add(1, Ordering::SeqCst);
+                let body = br#"{"ok":true}"#;
+                let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n", body.len());
+                let _ = tls.write_all(head.as_bytes());
+                let _ = tls.write_all(body);
+                let _ = tls.flush();
+                tls.conn.send_close_notify();
+                let _ = tls.flush();
+            });
+        }
+    });
+    (addr, served)
+}
+
+#[test]
+fn ca_bundle_trusts_a_private_ca_for_upstreams() {
+    let (upstream, served) = private_ca_upstream();
+    let instance = proxy::instance(&format!("https://{upstream}"), "key0", "private");
+    let without = proxy::start_with(vec![instance.clone()], serde_json::json!({}));
+    let r = call(without.addr, "POST", CHAT, &[("api-key", "client-key")], b"{}");
+    assert_eq!(r.status, 502, "the built-in roots do not know the private CA: {}", r.text());
+    assert!(r.text().to_ascii_lowercase().contains("tls"), "{}", r.text());
+    assert_eq!(served.load(Ordering::SeqCst), 0);
+
+    let with = proxy::start_with(vec![instance], serde_json::json!({"ca_bundle": fixture("private-ca.pem")}));
+    let r = call(with.addr, "POST", CHAT, &[("api-key", "client-key")], b"{}");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(served.load(Ordering::SeqCst), 1);
+}
+
+/// A minimal HTTP CONNECT proxy: records each CONNECT target, then splices bytes both ways.
+fn connect_proxy() -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let log = Arc::clone(&seen);
+    std::thread::spawn(move || {
+        for client in listener.incoming().map_while(Result::ok) {
+            let log = Arc::clone(&log);
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(client.try_clone().expect("clone"));
+                let mut line = String::new();
+                if reader.read_line(&mut line).is_err() {
+                    return;
+                }
+                let target = line.split_whitespace().nth(1).unwrap_or_default().to_string();
+                loop {
+                    let mut h = String::new();
+                    if reader.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
+                        break;
+                    }
+                }
+                log.lock().expect("log").push(line.trim().to_string());
+                let Ok(upstream) = TcpStream::connect(&target) else { return };
+                let mut client_w = client;
+                let _ = client_w.write_all(b"HTTP/1.1 200 Connection established\r\n\r\n");
+                let (mut up_r, mut up_w) = (upstream.try_clone().expect("clone"), upstream);
+                let mut client_r = reader.into_inner();
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut up_r, &mut client_w);
+                });
+                let _ = std::io::copy(&mut client_r, &mut up_w);
+            });
+        }
+    });
+    (addr, seen)
+}
+
+#[test]
+fn egress_proxy_carries_upstream_traffic() {
+    let m = MockAzure::start(azure_like("east", "key0", Duration::from_millis(1)));
+    let (egress, seen) = connect_proxy();
+    let p =
+        proxy::start_with(proxy::instances_for(&[&m]), serde_json::json!({"egress_proxy": format!("http://{egress}")}));
+    let r = call(p.addr, "POST", CHAT, &[("api-key", "client-key")], b"{}");
+    assert_eq!(r.status, 200, "{}", r.text());
+    let lines = seen.lock().expect("log").clone();
+    assert_eq!(lines, [format!("CONNECT {} HTTP/1.1", m.addr())], "the upstream was reached through the proxy");
+
+    // Without egress_proxy the upstream is called directly (and the environment's proxy variables are ignored).
+    let direct = proxy::start(&[&m]);
+    assert_eq!(call(direct.addr, "POST", CHAT, &[("api-key", "client-key")], b"{}").status, 200);
+    assert_eq!(seen.lock().expect("log").len(), 1);
+}
