@@ -12,9 +12,9 @@ use std::time::{Duration, Instant};
 use ureq::http::Method;
 
 use crate::balancer::{Observation, Plan};
-use crate::http::ClientStream;
 use crate::http::parse::{Framing, Head};
 use crate::http::write::{self, Persist};
+use crate::http::ClientStream;
 use crate::state::State;
 use crate::stream::{stream_response, Tally};
 use crate::upstream::{self, classify, error_snippet, retry_after, FailureKind};

@@ -10,8 +10,8 @@ use std::time::Instant;
 use ureq::http;
 
 use crate::http::conn::abort;
-use crate::http::ClientStream;
 use crate::http::write::{self, Persist, ResponseHead, BROKEN_CHUNK, CHUNK_BUF, CHUNK_DATA, CHUNK_PREFIX, LAST_CHUNK};
+use crate::http::ClientStream;
 use crate::metrics::{Metrics, UsageTail};
 use crate::relay::{Exchange, Relayed};
 use crate::upstream::HOP_BY_HOP;
