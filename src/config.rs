@@ -644,7 +644,11 @@ pub fn is_token_byte(b: u8) -> bool {
 
 /// A deployment name or api-version: safe to splice into a path or query as it is.
 fn is_path_segment(v: &str) -> bool {
-    !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+    !v.is_empty()
+        && v != "."
+        && v != ".."
+        && v.len() <= 128
+        && v.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
 }
 
 fn is_header_value(v: &str) -> bool {

@@ -178,7 +178,10 @@ impl ChunkedDecoder {
 /// `1a;ext=1` → 26. At most 16 hex digits, so the value always fits in a u64.
 fn parse_chunk_size(line: &[u8]) -> Result<u64, BodyError> {
     let digits = line.split(|b| *b == b';').next().unwrap_or_default();
-    let digits = std::str::from_utf8(digits).map_err(|_| BodyError::Malformed("bad chunk size"))?.trim();
+    // Only spaces and tabs may pad it (RFC 9112 BWS); anything else, a stray CR included, is refused.
+    let digits = std::str::from_utf8(digits)
+        .map_err(|_| BodyError::Malformed("bad chunk size"))?
+        .trim_matches(|c| c == ' ' || c == '\t');
     if digits.is_empty() || digits.len() > 16 || !digits.bytes().all(|b| b.is_ascii_hexdigit()) {
         return Err(BodyError::Malformed("bad chunk size"));
     }
@@ -224,6 +227,10 @@ mod tests {
         assert!(matches!(read_body(&mut c, Framing::Chunked, 100), Err(BodyError::TooLarge)));
         let mut c = conn_with(b"10000000000000000\r\n");
         assert!(matches!(read_body(&mut c, Framing::Chunked, 100), Err(BodyError::Malformed(_))));
+        let mut c = conn_with(b"5\r\r\nhello\r\n0\r\n\r\n");
+        assert!(matches!(read_body(&mut c, Framing::Chunked, 100), Err(BodyError::Malformed(_))), "stray CR");
+        let mut c = conn_with("\u{a0}5\r\nhello\r\n0\r\n\r\n".as_bytes());
+        assert!(matches!(read_body(&mut c, Framing::Chunked, 100), Err(BodyError::Malformed(_))), "unicode space");
         let mut c = conn_with(b"-5\r\nhello\r\n0\r\n\r\n");
         assert!(matches!(read_body(&mut c, Framing::Chunked, 100), Err(BodyError::Malformed(_))));
         let mut c = conn_with(b"5\r\nhelloXX0\r\n\r\n");

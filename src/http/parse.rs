@@ -230,8 +230,14 @@ pub fn is_safe_origin_form(target: &str) -> bool {
     target.starts_with('/')
         && !target.starts_with("//")
         && target.bytes().all(|b| (0x21..0x7f).contains(&b) && b != b'#')
-        && !path.split('/').any(|seg| seg == "." || seg == ".." || seg.eq_ignore_ascii_case("%2e%2e"))
+        && !path.split('/').any(is_dot_segment)
         && !path.to_ascii_lowercase().contains("%2f")
+}
+
+/// `.` or `..`, also when written with percent-escapes (`%2e`, `.%2E`, …) that an upstream may decode first.
+fn is_dot_segment(seg: &str) -> bool {
+    let decoded = seg.to_ascii_lowercase().replace("%2e", ".");
+    decoded == "." || decoded == ".."
 }
 
 /// Whether `name` is a syntactically valid header name (used for names built from configuration).
@@ -306,6 +312,9 @@ mod tests {
             "//evil/openai",
             "/openai/../admin",
             "/openai/%2e%2e/x",
+            "/openai/.%2e/x",
+            "/openai/%2E./x",
+            "/%2e/openai/x",
             "/a#b",
             "/openai/a%2Fb",
         ] {
