@@ -343,17 +343,22 @@ impl Front {
             return false;
         };
         drop(spare);
-        let Some(listener) = &self.listener else { return false };
-        let accepted = listener.accept();
+        let accepted = match &self.listener {
+            Some(listener) => listener.accept().ok(),
+            None => None,
+        };
+        let answered = accepted.is_some();
+        if let Some((stream, peer)) = accepted {
+            self.shared.state().metrics.shed.fetch_add(1, Ordering::Relaxed);
+            log::warn!("out of file descriptors; answering {} with 503", peer.ip());
+            // Plain text even on a TLS listener: there is no descriptor to spare for a handshake; the client sees
+            // a failed connection either way, and this at least frees the backlog slot at once.
+            let conn = Conn::new(ClientStream::Plain(stream), peer, &self.open);
+            canned(conn, 503, "the proxy is out of file descriptors; retry shortly", &[("Retry-After", "1")]);
+        }
+        // Only now, with the client's socket closed, is there a descriptor to take the spare back with.
         self.reserve_fd = std::fs::File::open("/dev/null").ok();
-        let Ok((stream, peer)) = accepted else { return false };
-        self.shared.state().metrics.shed.fetch_add(1, Ordering::Relaxed);
-        log::warn!("out of file descriptors; answering {} with 503", peer.ip());
-        // Plain text even on a TLS listener: there is no descriptor to spare for a handshake; the client sees a
-        // failed connection either way, and this at least frees the backlog slot at once.
-        let conn = Conn::new(ClientStream::Plain(stream), peer, &self.open);
-        canned(conn, 503, "the proxy is out of file descriptors; retry shortly", &[("Retry-After", "1")]);
-        true
+        answered
     }
 
     fn admit(&mut self, stream: TcpStream, peer: std::net::SocketAddr) {
