@@ -5,16 +5,20 @@ MUSL_TARGET := x86_64-unknown-linux-musl
 VENV := target/venv
 PYTHON ?= python3
 
-.PHONY: help build static test e2e run demo bench fmt lint clean
+.PHONY: help build static test e2e run demo bench fuzz fmt lint clean
 
 help:
 	@echo "make build    release build: target/release/azure-proxy"
 	@echo "make static   fully static binary (musl): target/$(MUSL_TARGET)/release/azure-proxy"
+	@echo "make static-check  prove the static binary runs alone: chroot with only binary, config, CA file"
 	@echo "make test     cargo test, then the end-to-end test with the openai Python SDK"
 	@echo "make e2e      only the end-to-end test"
 	@echo "make run      run the proxy with CONFIG=$(CONFIG)"
 	@echo "make demo     a guided tour with two mock instances and curl (scripts/demo.sh)"
 	@echo "make bench    benchmark vs nginx: req/s, latency, SSE, memory, start-up -> bench/results/latest.md"
+	@echo "make fuzz     cargo-fuzz every target for FUZZ_SECONDS (default 60) each; fails on a crash (fuzz/README.md)"
+	@echo "make stress   hostile clients: slowloris, huge heads, fd exhaustion, 100k IPs -> stress/results/latest.md"
+	@echo "make soak     SOAK_SECONDS=$(SOAK_SECONDS) s of mixed load: RSS, fds, every response accounted for"
 	@echo "make fmt      check formatting;  make lint: clippy with warnings as errors"
 	@echo "make clean    remove target/"
 
@@ -28,6 +32,11 @@ static:
 		echo "musl-gcc is missing (ring compiles C code). On Debian/Ubuntu: apt-get install musl-tools"; exit 1; }
 	cargo build --release --target $(MUSL_TARGET)
 	ls -l target/$(MUSL_TARGET)/release/azure-proxy
+
+# Builds what is missing or stale, then runs the static binary in an otherwise empty root (deploy/static-check.sh).
+.PHONY: static-check
+static-check:
+	bash deploy/static-check.sh
 
 test:
 	cargo test
@@ -52,6 +61,54 @@ demo:
 # Knobs: BENCH_DURATION (s, default 5), BENCH_ROUNDS (3), BENCH_CONNS ("1 16 64"); see bench/README.md.
 bench:
 	BENCH_COMMAND="make bench" bash bench/run.sh
+
+# Fuzzing with cargo-fuzz on stable Rust (RUSTC_BOOTSTRAP=1 lets it use -Zsanitizer=address). Each target starts from
+# a scratch copy of its committed seeds under fuzz/target/ (ignored), so new corpus entries never dirty the tree.
+# Knobs: FUZZ_SECONDS (per target), FUZZ_TARGETS, FUZZ_FLAGS (e.g. "-s none" to build without ASan), FUZZ_MAX_LEN.
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS ?= head chunked config client_ip
+FUZZ_FLAGS ?= --debug-assertions
+# Above the 8 KiB head limit and the 4 KiB chunk-line limit, so that both are reachable.
+FUZZ_MAX_LEN ?= 12288
+FUZZ_RUN := $(CURDIR)/fuzz/target/make-fuzz
+
+fuzz:
+	@command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
+	@failed=""; summary=""; \
+	for t in $(FUZZ_TARGETS); do \
+		rm -rf "$(FUZZ_RUN)/$$t"; mkdir -p "$(FUZZ_RUN)/$$t/corpus"; \
+		cp fuzz/corpus/$$t/* "$(FUZZ_RUN)/$$t/corpus/"; \
+		echo "== fuzz $$t for $(FUZZ_SECONDS)s"; \
+		{ ( cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz run $(FUZZ_FLAGS) $$t "$(FUZZ_RUN)/$$t/corpus" -- \
+			-max_total_time=$(FUZZ_SECONDS) -max_len=$(FUZZ_MAX_LEN) -print_final_stats=1 ) 2>&1; echo $$? >"$(FUZZ_RUN)/$$t/rc"; } \
+			| tee "$(FUZZ_RUN)/$$t/log"; \
+		rc=$$(cat "$(FUZZ_RUN)/$$t/rc"); \
+		runs=$$(grep -o 'stat::number_of_executed_units: *[0-9]*' "$(FUZZ_RUN)/$$t/log" | grep -o '[0-9]*$$'); \
+		if [ $$rc -ne 0 ]; then \
+			failed="$$failed $$t"; \
+			summary="$$summary\n  $$t: FAILED (exit $$rc), $${runs:-?} runs; input saved to $$(sed -n 's/.*Test unit written to //p' "$(FUZZ_RUN)/$$t/log" | head -n1)"; \
+		else \
+			summary="$$summary\n  $$t: ok, $${runs:-?} runs"; \
+		fi; \
+	done; \
+	printf '%b\n' "== fuzz summary (logs in $(FUZZ_RUN)/<target>/log):$$summary"; \
+	if [ -n "$$failed" ]; then \
+		echo "Crashing inputs are in fuzz/artifacts/<target>/; reproduce with:"; \
+		echo "  cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz run $(FUZZ_FLAGS) <target> artifacts/<target>/<file>"; \
+		exit 1; \
+	fi
+
+.PHONY: stress soak
+# Knobs: STRESS_CASES (1,2,3,4a,4b), STRESS_SLOW, STRESS_IDLE, STRESS_IPS, ...; see stress/README.md.
+stress:
+	cargo build --release --bin azure-proxy --example mock_azure
+	$(PYTHON) stress/stress.py
+
+# Knobs: SOAK_SECONDS (600), SOAK_THREADS (8), SOAK_RATE (40 req/s per thread); see stress/README.md.
+SOAK_SECONDS ?= 600
+soak:
+	cargo build --release --bin azure-proxy --example mock_azure
+	SOAK_SECONDS=$(SOAK_SECONDS) $(PYTHON) stress/soak.py
 
 fmt:
 	cargo fmt --all -- --check
