@@ -88,16 +88,7 @@ fn handle(
         }
         Err(FramingError::TooLarge(n)) => {
             log::warn!("{rid} body of {n} bytes refused (max_body_bytes={})", cfg.max_body_bytes);
-            let msg = format!("request body larger than {} bytes", cfg.max_body_bytes);
-            return relay::respond_error(
-                &mut conn.stream,
-                rid,
-                413,
-                "invalid_request_error",
-                &msg,
-                &[],
-                Persist::Close,
-            );
+            return too_large(conn, rid, cfg.max_body_bytes);
         }
     };
     let has_body = !matches!(framing, Framing::None | Framing::Length(0));
@@ -187,16 +178,7 @@ fn handle(
         Ok(b) => b,
         Err(BodyError::TooLarge) => {
             log::warn!("{rid} chunked body over max_body_bytes={}", cfg.max_body_bytes);
-            let msg = format!("request body larger than {} bytes", cfg.max_body_bytes);
-            return relay::respond_error(
-                &mut conn.stream,
-                rid,
-                413,
-                "invalid_request_error",
-                &msg,
-                &[],
-                Persist::Close,
-            );
+            return too_large(conn, rid, cfg.max_body_bytes);
         }
         Err(BodyError::Malformed(why)) => {
             return relay::respond_error(&mut conn.stream, rid, 400, "invalid_request_error", why, &[], Persist::Close)
@@ -220,4 +202,10 @@ fn handle(
 
     let ex = Exchange { head, framing, body: &body, request_id: rid, started };
     relay::relay(state, &ex, &mut conn.stream, persist)
+}
+
+/// 413, and the connection closes: the rest of the body is never read.
+fn too_large(conn: &mut Conn, rid: &str, max: u64) -> Relayed {
+    let msg = format!("request body larger than {max} bytes");
+    relay::respond_error(&mut conn.stream, rid, 413, "invalid_request_error", &msg, &[], Persist::Close)
 }

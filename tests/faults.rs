@@ -8,9 +8,8 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
+use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread::{self, JoinHandle};
@@ -21,9 +20,9 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use serde_json::{json, Value};
 use support::client::{call, find, Client, Resp};
 use support::mock::{azure_like, MockAzure, Recorded, Reply};
+use support::process::{write_config, Running};
 use support::proxy::{self, instance, Proxy, CHAT};
 
-const BIN: &str = env!("CARGO_BIN_EXE_azure-proxy");
 /// A self-signed end-entity certificate for `wrong.example` (CA:FALSE, valid until 2126) and its key, made once
 /// with the `openssl` CLI (see `fixtures/README.md`). No public root vouches for it: a proxy that checks
 /// certificates refuses it (rustls: `UnknownIssuer`).
@@ -237,73 +236,9 @@ impl RawUpstream {
     }
 }
 
-/// The real binary, its stderr lines collected (as in `binary.rs`).
-struct Running {
-    child: Child,
-    addr: SocketAddr,
-    log: Arc<Mutex<Vec<String>>>,
-}
-
-impl Running {
-    fn start(config: &serde_json::Value, name: &str, env: &[(&str, &str)]) -> Running {
-        let dir = std::env::temp_dir().join(format!("azure-proxy-faults-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        let path = dir.join(name);
-        std::fs::write(&path, config.to_string()).expect("write config");
-        let mut cmd = Command::new(BIN);
-        cmd.args(["--config", path.to_str().expect("utf-8 path"), "--listen", "127.0.0.1:0", "--workers", "4"])
-            .env_remove("AZURE_PROXY_CONFIG")
-            .env_remove("RUST_LOG")
-            .env_remove("ERROR_BODY_MAX_BYTES")
-            .env_remove("MAX_BAD_KEYS")
-            .env_remove("BLOCK_SECONDS")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        let mut child = cmd.spawn().expect("spawn azure-proxy");
-        let stderr = child.stderr.take().expect("stderr");
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let (tx, rx) = mpsc::channel();
-        let sink = Arc::clone(&log);
-        thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Some(addr) = line.split("listening on ").nth(1) {
-                    let _ = tx.send(addr.split(' ').next().unwrap_or_default().to_string());
-                }
-                sink.lock().expect("log").push(line);
-            }
-        });
-        let addr = rx.recv_timeout(Duration::from_secs(20)).expect("proxy printed its listen address");
-        Running { child, addr: addr.parse().expect("address"), log }
-    }
-
-    /// Every line logged so far, once `pred` holds for some line (or after 10 s).
-    fn log_when(&self, pred: impl Fn(&str) -> bool) -> Vec<String> {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let lines = self.log.lock().expect("log").clone();
-            if lines.iter().any(|l| pred(l)) || Instant::now() > deadline {
-                return lines;
-            }
-            thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// The access line of the request with ID `rid`.
-    fn access_line(&self, rid: &str) -> String {
-        let is_it = |l: &str| l.contains("[access]") && l.contains(&format!(" {rid} "));
-        let log = self.log_when(is_it);
-        log.into_iter().find(|l| is_it(l)).unwrap_or_else(|| panic!("no access line for {rid}"))
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// The real binary on a config written from `config`.
+fn start_binary(config: &Value, name: &str, env: &[(&str, &str)]) -> Running {
+    Running::start(&write_config(name, &config.to_string()), env)
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -613,13 +548,13 @@ fn the_access_line_names_the_forwarded_client_only_behind_a_trusted_proxy() {
         }
         assert_eq!(call(addr, "POST", CHAT, &headers, b"{}").status, 200, "{rid}");
     };
-    let trusting = Running::start(&cfg(json!(["127.0.0.1"])), "xff-trusted.json", &[]);
+    let trusting = start_binary(&cfg(json!(["127.0.0.1"])), "xff-trusted.json", &[]);
     send(trusting.addr, "xff-t1", Some("1.2.3.4, 203.0.113.9"));
     send(trusting.addr, "xff-t2", None);
     assert!(trusting.access_line("xff-t1").contains(" client=203.0.113.9 "), "{}", trusting.access_line("xff-t1"));
     assert!(trusting.access_line("xff-t2").contains(" client=127.0.0.1 "), "{}", trusting.access_line("xff-t2"));
 
-    let plain = Running::start(&cfg(json!([])), "xff-plain.json", &[]);
+    let plain = start_binary(&cfg(json!([])), "xff-plain.json", &[]);
     send(plain.addr, "xff-p1", Some("203.0.113.9"));
     assert!(plain.access_line("xff-p1").contains(" client=127.0.0.1 "), "{}", plain.access_line("xff-p1"));
 }
@@ -749,7 +684,7 @@ fn no_key_appears_in_any_log_line_or_response_through_refused_500_tls_and_bad_ke
         "circuit_failures": 0,
         "connect_timeout_ms": 5000,
     });
-    let p = Running::start(&config, "secrets.json", &[("RUST_LOG", "debug")]);
+    let p = start_binary(&config, "secrets.json", &[("RUST_LOG", "debug")]);
     let mut seen_by_client = Vec::new();
     let other = "/openai/deployments/other/chat/completions?api-version=2024-06-01";
     for i in 0..3 {
@@ -801,7 +736,7 @@ fn an_error_body_cut_inside_an_echoed_key_leaks_no_part_of_it() {
     // 20 bytes into the key.
     let prefix = r#"{"error":{"code":"InternalServerError","message":"upstream got key "#;
     let cut = (prefix.len() + 20).to_string();
-    let p = Running::start(&config, "secrets-cut.json", &[("ERROR_BODY_MAX_BYTES", cut.as_str())]);
+    let p = start_binary(&config, "secrets-cut.json", &[("ERROR_BODY_MAX_BYTES", cut.as_str())]);
     let r = call(p.addr, "POST", CHAT, &[("api-key", CLIENT), ("x-request-id", "sec-cut")], b"{}");
     assert_eq!(r.status, 200, "{}", r.text());
     let log = p.log_when(|l| l.contains("[access]") && l.contains("sec-cut"));

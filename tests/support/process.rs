@@ -30,6 +30,10 @@ impl Running {
         cmd.args(["--config", config.to_str().expect("utf-8 path"), "--listen", "127.0.0.1:0", "--workers", "4"])
             .env_remove("AZURE_PROXY_CONFIG")
             .env_remove("RUST_LOG")
+            .env_remove("ERROR_BODY_MAX_BYTES")
+            .env_remove("MAX_BAD_KEYS")
+            .env_remove("BLOCK_SECONDS")
+            .env_remove("LOG_FORMAT")
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
         for (k, v) in env {
@@ -63,6 +67,15 @@ impl Running {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+}
+
+impl Running {
+    /// The access line of the request with ID `rid`.
+    pub fn access_line(&self, rid: &str) -> String {
+        let is_it = |l: &str| l.contains("[access]") && l.contains(&format!(" {rid} "));
+        let log = self.log_when(is_it);
+        log.into_iter().find(|l| is_it(l)).unwrap_or_else(|| panic!("no access line for {rid}"))
     }
 }
 
