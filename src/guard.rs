@@ -2,8 +2,8 @@
 //! `max_bad_keys` consecutive wrong keys for `block_duration`.
 //!
 //! The table's mutex is held only for a hash-map lookup or update, never across I/O. It is bounded by
-//! `max_tracked_clients`: when full, entries that no longer block anything are swept first; if it is still full,
-//! a new client's strikes are not recorded (blocking degrades, memory does not grow). Stale entries are also
+//! `max_tracked_clients`: when full, a client that blocks nothing is forgotten to make room, so a flood from many
+//! addresses cannot switch blocking off for new offenders; blocks in force are never dropped. Stale entries are also
 //! swept every `SWEEP_EVERY` strikes.
 
 use std::collections::HashMap;
@@ -56,6 +56,8 @@ pub struct Guard {
 pub struct Table {
     clients: HashMap<IpAddr, Strikes>,
     strikes_since_sweep: u64,
+    /// Whether "table full" was logged since the last sweep (once per sweep period, not once per request).
+    warned_full: bool,
 }
 
 impl Guard {
@@ -122,14 +124,29 @@ impl Guard {
         // Strikes older than one block period are forgotten: they can no longer add up to a block worth having.
         let memory = self.block_duration.max(Duration::from_secs(60));
         table.strikes_since_sweep += 1;
-        let full = !table.clients.contains_key(&ip) && table.clients.len() >= self.max_tracked;
-        if full || table.strikes_since_sweep >= SWEEP_EVERY {
+        if table.strikes_since_sweep >= SWEEP_EVERY {
             table.strikes_since_sweep = 0;
+            table.warned_full = false;
             table.clients.retain(|_, s| s.is_live(now, memory));
         }
         if !table.clients.contains_key(&ip) && table.clients.len() >= self.max_tracked {
-            log::warn!("block table full ({} clients); not tracking {ip}", table.clients.len());
-            return Verdict::BadKey;
+            // Full of recent strikes (a flood from many addresses): forget one client that blocks nothing, so that
+            // a new offender is still counted; blocks in force are never dropped.
+            let victim =
+                table.clients.iter().find(|(_, s)| s.blocked_until.is_none_or(|u| u <= now)).map(|(ip, _)| *ip);
+            if !table.warned_full {
+                table.warned_full = true;
+                log::warn!(
+                    "block table full ({} clients, max_tracked_clients); forgetting strikes of unblocked clients to make room",
+                    table.clients.len()
+                );
+            }
+            match victim {
+                Some(v) => {
+                    table.clients.remove(&v);
+                }
+                None => return Verdict::BadKey,
+            }
         }
         let entry =
             table.clients.entry(ip).or_insert(Strikes { consecutive_bad: 0, blocked_until: None, last_strike: now });
@@ -208,6 +225,23 @@ mod tests {
         let other: IpAddr = "10.0.0.2".parse().expect("ip");
         assert_eq!(g.check(other, Some(b"also")), Verdict::Allowed);
         assert_eq!(g.check(other, None), Verdict::MissingKey);
+    }
+
+    #[test]
+    fn a_full_table_still_blocks_new_offenders_and_keeps_blocks() {
+        let g = guard(r#", "max_tracked_clients": 10, "max_bad_keys": 2"#);
+        let first: IpAddr = "10.9.9.9".parse().expect("ip");
+        g.check(first, Some(b"bad"));
+        g.check(first, Some(b"bad"));
+        for i in 0..1000u32 {
+            g.check(IpAddr::from(i.to_be_bytes()), Some(b"bad"));
+        }
+        assert!(g.tracked_clients() <= 10);
+        assert!(matches!(g.check(first, Some(b"good")), Verdict::Blocked { .. }), "a block in force survives");
+        let late: IpAddr = "10.8.8.8".parse().expect("ip");
+        g.check(late, Some(b"bad"));
+        g.check(late, Some(b"bad"));
+        assert!(matches!(g.check(late, Some(b"good")), Verdict::Blocked { .. }), "new offenders are still counted");
     }
 
     #[test]

@@ -757,9 +757,9 @@ def case_ips(run, mode):
             "client again after",
             f"before {before_probe}; after (table full) {after_probe}; first client after the flood "
             f"{still_blocked}",
-            before_probe == exp_before and still_blocked == [403],
-            note="after the flood a new client's strikes are not recorded while the table is full of live "
-                 "entries (documented: blocking degrades, memory does not)",
+            before_probe == exp_before and after_probe == exp_before and still_blocked == [403],
+            note="with the table full of live entries, an unblocked client is forgotten to make room, so a new "
+                 "offender is still blocked and blocks in force survive",
         )
         fresh = {"xff": "192.0.2.55"} if mode == "xff" else {"src": "127.250.0.1"}
         good_request_row(case, addr, f"a fresh client ({list(fresh.values())[0]}) with the good key → 200",
