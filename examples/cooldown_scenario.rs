@@ -1,7 +1,8 @@
 //! The routing issue's scripted scenario, run in one process: 3 mock instances, one of which answers
 //! `429 Retry-After: 5` for its first 5 seconds; 1,000 chat requests from 8 concurrent clients through two
 //! proxies side by side, one with plain round-robin (`max_cooldown_ms: 0`) and one cooldown-aware (defaults).
-//! Prints upstream attempts and client latency percentiles for each.
+//! Healthy answers take 40 ms, a 429 takes 20 ms (a round trip to a remote region). Prints upstream attempts
+//! and client latency percentiles for each.
 //!
 //! `cargo run --release --example cooldown_scenario`
 #![allow(dead_code)]
@@ -22,7 +23,9 @@ use mock::{MockAzure, Recorded, Reply};
 const REQUESTS: usize = 1000;
 const CLIENTS: usize = 8;
 /// Time a healthy instance takes to answer (a short completion).
-const MODEL_TIME: Duration = Duration::from_millis(30);
+const MODEL_TIME: Duration = Duration::from_millis(40);
+/// Time a throttled instance takes to say 429: a round trip to a remote Azure region.
+const THROTTLE_RTT: Duration = Duration::from_millis(20);
 const THROTTLE_FOR: Duration = Duration::from_secs(5);
 
 struct NoEnv;
@@ -43,7 +46,9 @@ fn throttled(count: Arc<AtomicUsize>) -> MockAzure {
         let start = *since.lock().expect("lock").get_or_insert_with(Instant::now);
         if start.elapsed() < THROTTLE_FOR {
             count.fetch_add(1, Ordering::Relaxed);
-            Reply::json(429, serde_json::json!({"error": {"code": "429"}})).with_header("Retry-After", "5")
+            Reply::json(429, serde_json::json!({"error": {"code": "429"}}))
+                .with_header("Retry-After", "5")
+                .delayed(THROTTLE_RTT)
         } else {
             Reply::json(200, serde_json::json!({"ok": true})).delayed(MODEL_TIME)
         }
