@@ -99,7 +99,6 @@ fn run<B: AsSendBody>(
         .agent
         .configure_request(req)
         .timeout_connect(Some(inst.connect_timeout.unwrap_or(cfg.connect_timeout)))
-        .timeout_resolve(Some(inst.connect_timeout.unwrap_or(cfg.connect_timeout)))
         .timeout_recv_response(Some(inst.upstream_response_timeout.unwrap_or(cfg.upstream_response_timeout)))
         .timeout_per_read(Some(inst.upstream_read_timeout.unwrap_or(cfg.upstream_read_timeout)))
         .build();
