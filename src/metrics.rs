@@ -58,7 +58,8 @@ impl Histogram {
 #[derive(Default)]
 pub struct Metrics {
     requests: Mutex<BTreeMap<(&'static str, u16), u64>>,
-    attempts: Mutex<BTreeMap<(String, String), u64>>,
+    /// instance → outcome → count; looked up by `&str`, so counting allocates only for a new instance.
+    attempts: Mutex<BTreeMap<String, BTreeMap<&'static str, u64>>>,
     tokens: Mutex<BTreeMap<(String, String, &'static str), u64>>,
     pub retries: AtomicU64,
     pub shed: AtomicU64,
@@ -87,9 +88,14 @@ impl Metrics {
     }
 
     /// One upstream attempt; `outcome` is a status class (`2xx`, `429`, `5xx`, …) or an error kind.
-    pub fn attempt(&self, instance: &str, outcome: &str, took: Duration) {
-        let key = (instance.to_string(), outcome.to_string());
-        *self.attempts.lock().unwrap_or_else(|p| p.into_inner()).entry(key).or_default() += 1;
+    pub fn attempt(&self, instance: &str, outcome: &'static str, took: Duration) {
+        let mut attempts = self.attempts.lock().unwrap_or_else(|p| p.into_inner());
+        let per_instance = match attempts.get_mut(instance) {
+            Some(m) => m,
+            None => attempts.entry(instance.to_string()).or_default(),
+        };
+        *per_instance.entry(outcome).or_default() += 1;
+        drop(attempts);
         self.upstream_seconds.observe(took);
     }
 
@@ -106,7 +112,8 @@ impl Metrics {
             let _ = writeln!(out, "azure_proxy_requests_total{{route=\"{route}\",status=\"{status}\"}} {n}");
         }
         counter_header(&mut out, "azure_proxy_upstream_attempts_total", "Upstream attempts, by instance and outcome.");
-        for ((instance, outcome), n) in self.attempts.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+        let attempts = self.attempts.lock().unwrap_or_else(|p| p.into_inner());
+        for (instance, outcome, n) in attempts.iter().flat_map(|(i, m)| m.iter().map(move |(o, n)| (i, o, n))) {
             let (i, o) = (escape(instance), escape(outcome));
             let _ = writeln!(out, "azure_proxy_upstream_attempts_total{{instance=\"{i}\",outcome=\"{o}\"}} {n}");
         }

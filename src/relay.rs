@@ -141,7 +141,7 @@ pub fn relay(state: &State, ex: &Exchange, client: &mut ClientStream, persist: P
             }
             Err(e) => {
                 let (kind, detail) = classify(&e);
-                state.metrics.attempt(&inst.name, &format!("{kind:?}").to_ascii_lowercase(), elapsed);
+                state.metrics.attempt(&inst.name, kind.label(), elapsed);
                 if kind != FailureKind::Local {
                     state.balancer.observe(idx, Observation::Unreachable);
                 } else {

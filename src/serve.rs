@@ -30,9 +30,14 @@ pub fn serve(state: &State, mut conn: Conn, head: Head, draining: bool) -> Optio
     let http10 = head.minor_version == 0;
     let persist = if wants_keep_alive { Persist::KeepAlive { http10 } } else { Persist::Close };
 
-    let forwarded: Vec<&[u8]> =
-        head.headers.iter().filter(|(n, _)| n == "x-forwarded-for").map(|(_, v)| v.as_slice()).collect();
-    let client = client_ip::client_ip(conn.peer.ip(), &forwarded, &state.config.trusted_proxies);
+    let trusted = &state.config.trusted_proxies;
+    let client = if trusted.is_empty() {
+        conn.peer.ip()
+    } else {
+        let forwarded: Vec<&[u8]> =
+            head.headers.iter().filter(|(n, _)| n == "x-forwarded-for").map(|(_, v)| v.as_slice()).collect();
+        client_ip::client_ip(conn.peer.ip(), &forwarded, trusted)
+    };
     state.metrics.in_flight.fetch_add(1, Ordering::Relaxed);
     let relayed = handle(state, &mut conn, &head, &rid, client, persist, started);
     state.metrics.in_flight.fetch_sub(1, Ordering::Relaxed);

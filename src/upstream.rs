@@ -35,6 +35,21 @@ pub enum FailureKind {
     Other,
 }
 
+impl FailureKind {
+    /// The `outcome` label in metrics.
+    pub fn label(self) -> &'static str {
+        match self {
+            FailureKind::Timeout => "timeout",
+            FailureKind::Connect => "connect",
+            FailureKind::Dns => "dns",
+            FailureKind::Tls => "tls",
+            FailureKind::Io => "io",
+            FailureKind::Local => "local",
+            FailureKind::Other => "other",
+        }
+    }
+}
+
 /// The client's headers minus hop-by-hop ones, those named in `Connection`, the client key and any instance-key
 /// header the client sent; plus our request ID. The instance key is added per attempt.
 pub fn forward_headers(state: &State, ex: &Exchange) -> Result<HeaderMap, String> {
