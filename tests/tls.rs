@@ -161,9 +161,26 @@ fn private_ca_upstream() -> (SocketAddr, Arc<AtomicUsize>) {
                 let _ = tcp.set_read_timeout(Some(Duration::from_secs(5)));
                 let conn = rustls::ServerConnection::new(config).expect("conn");
                 let mut tls = rustls::StreamOwned::new(conn, tcp);
+                // Read the whole request (head, then Content-Length bytes) before answering: closing with unread
+                // bytes would reset the connection and could destroy the answer in flight.
+                let mut req = Vec::new();
                 let mut buf = [0u8; 8192];
-                if tls.read(&mut buf).unwrap_or(0) == 0 {
-                    return;
+                loop {
+                    let complete = support::client::find(&req, b"\r\n\r\n").is_some_and(|end| {
+                        let head = String::from_utf8_lossy(&req[..end]).to_ascii_lowercase();
+                        let len = head
+                            .lines()
+                            .find_map(|l| l.strip_prefix("content-length:").and_then(|v| v.trim().parse().ok()))
+                            .unwrap_or(0usize);
+                        req.len() >= end + 4 + len
+                    });
+                    if complete {
+                        break;
+                    }
+                    match tls.read(&mut buf) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => req.extend_from_slice(&buf[..n]),
+                    }
                 }
                 count.fetch_add(1, Ordering::SeqCst);
                 let body = br#"{"ok":true}"#;
