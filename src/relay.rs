@@ -133,6 +133,7 @@ pub fn relay(state: &State, ex: &Exchange, client: &mut ClientStream, persist: P
                     instance: &inst.name,
                     deployment: deployment.as_deref(),
                     started: ex.started,
+                    write_limit: state.config.client_write_timeout,
                 };
                 let mut relayed = stream_response(resp, ex, client, persist, tally);
                 relayed.instance = Some(inst.name.clone());

@@ -5,7 +5,7 @@
 
 use std::cell::RefCell;
 use std::io::{self, Read, Write};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use ureq::http;
 
@@ -25,12 +25,14 @@ enum Out {
     UntilClose,
 }
 
-/// What the copy reports to the metrics: which instance and deployment, and when the request started.
+/// What the copy reports to the metrics (which instance and deployment, when the request started), and how long
+/// one write to the client may take in all.
 pub struct Tally<'a> {
     pub metrics: &'a Metrics,
     pub instance: &'a str,
     pub deployment: Option<&'a str>,
     pub started: Instant,
+    pub write_limit: Duration,
 }
 
 /// What is watched while a body is copied: the first byte of a stream, the token usage at the end.
@@ -197,21 +199,32 @@ fn copy_with(
         let written = match out {
             Out::Chunked => {
                 let range = write::frame_chunk(buf, n);
-                client.write_all(&buf[range])
+                write_within(client, &buf[range], &[], watch.tally.write_limit)
             }
-            _ => write_both(client, &std::mem::take(&mut pending_head), &buf[CHUNK_PREFIX..CHUNK_PREFIX + n]),
+            _ => {
+                let head = std::mem::take(&mut pending_head);
+                write_within(client, &head, &buf[CHUNK_PREFIX..CHUNK_PREFIX + n], watch.tally.write_limit)
+            }
         };
         if let Err(e) = written {
-            log::info!("client went away after {} bytes: {e}; dropping the upstream stream", relayed.bytes);
             relayed.reusable = false;
-            relayed.note = Some("client_gone");
+            if matches!(e.kind(), io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock) {
+                // Too slow, not gone: reset rather than close, so that the megabytes already queued in the kernel
+                // for this client are dropped now instead of trickling out (and the client learns it was cut off).
+                log::warn!("client too slow after {} bytes (client_write_timeout_ms); cutting it off", relayed.bytes);
+                relayed.note = Some("client_too_slow");
+                abort(client.tcp());
+            } else {
+                log::info!("client went away after {} bytes: {e}; dropping the upstream stream", relayed.bytes);
+                relayed.note = Some("client_gone");
+            }
             return; // dropping `reader` closes the upstream connection, so the model stops generating for nobody
         }
         relayed.bytes += n as u64;
     }
     let tail = if out == Out::Chunked { LAST_CHUNK } else { &[][..] };
     let nothing_left = pending_head.is_empty() && tail.is_empty();
-    if !nothing_left && write_both(client, &pending_head, tail).is_err() {
+    if !nothing_left && write_within(client, &pending_head, tail, watch.tally.write_limit).is_err() {
         relayed.reusable = false;
         relayed.note = Some("client_gone");
         return;
@@ -219,13 +232,56 @@ fn copy_with(
     watch.on_complete();
 }
 
-/// Writes `a` then `b`, in one system call when the socket takes it all.
-fn write_both(stream: &mut ClientStream, a: &[u8], b: &[u8]) -> io::Result<()> {
-    let n = stream.write_vectored(&[io::IoSlice::new(a), io::IoSlice::new(b)])?;
-    if n < a.len() {
-        stream.write_all(&a[n..])?;
-        stream.write_all(b)
-    } else {
-        stream.write_all(&b[n - a.len()..])
+/// Writes `a` then `b` (in one system call when the socket takes it all), failing with `TimedOut` when that takes
+/// longer than `limit` in all. The socket's own timeout restarts with every partial write, so without this a
+/// client that drains a few bytes at a time would hold its worker (and an upstream stream) for as long as it
+/// likes: this sets a floor on its reading rate of one chunk (16 KiB) per `client_write_timeout_ms`.
+fn write_within(w: &mut impl Write, a: &[u8], b: &[u8], limit: Duration) -> io::Result<()> {
+    let start = Instant::now();
+    let mut n = w.write_vectored(&[io::IoSlice::new(a), io::IoSlice::new(b)])?;
+    let total = a.len() + b.len();
+    while n < total {
+        if start.elapsed() > limit {
+            return Err(io::Error::new(io::ErrorKind::TimedOut, "client reads too slowly"));
+        }
+        let rest = if n < a.len() { &a[n..] } else { &b[n - a.len()..] };
+        match w.write(rest) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(k) => n += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Takes one byte per call, slowly: a client that keeps reading, just not enough.
+    struct Trickle(Vec<u8>);
+    impl Write for Trickle {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            std::thread::sleep(Duration::from_millis(2));
+            self.0.push(buf[0]);
+            Ok(1)
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_trickling_reader_times_out_and_a_fast_one_gets_everything_in_order() {
+        let mut slow = Trickle(Vec::new());
+        let err = write_within(&mut slow, &[1; 100], &[2; 100], Duration::from_millis(20)).expect_err("too slow");
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        let mut fast = Vec::new();
+        write_within(&mut fast, b"head", b"body", Duration::from_millis(20)).expect("fast");
+        assert_eq!(fast, b"headbody");
+        let mut slow_but_enough = Trickle(Vec::new());
+        write_within(&mut slow_but_enough, b"ab", b"cd", Duration::from_secs(5)).expect("in time");
+        assert_eq!(slow_but_enough.0, b"abcd");
     }
 }

@@ -394,3 +394,64 @@ fn head_and_204_answers_carry_no_body_and_keep_the_connection_usable() {
     assert_eq!((r.status, r.json()["ok"].as_bool()), (200, Some(true)));
     assert_eq!(m.hits(), 4);
 }
+
+/// A client socket with a 4 KiB receive buffer, set before connecting so that the window stays small.
+fn connect_with_small_window(addr: SocketAddr) -> std::net::TcpStream {
+    use std::os::fd::FromRawFd;
+    let SocketAddr::V4(v4) = addr else { panic!("IPv4 loopback expected") };
+    // SAFETY: a fresh socket fd, owned by the TcpStream made from it at the end (or leaked on a failed assert in a
+    // test); the option value and the sockaddr_in live across the calls that read them.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+        assert!(fd >= 0, "socket");
+        let size: libc::c_int = 4096;
+        let p = &size as *const libc::c_int as *const libc::c_void;
+        assert_eq!(libc::setsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVBUF, p, 4), 0);
+        let sin = libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: v4.port().to_be(),
+            sin_addr: libc::in_addr { s_addr: u32::from(*v4.ip()).to_be() },
+            sin_zero: [0; 8],
+        };
+        let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        assert_eq!(libc::connect(fd, &sin as *const libc::sockaddr_in as *const libc::sockaddr, len), 0, "connect");
+        std::net::TcpStream::from_raw_fd(fd)
+    }
+}
+
+#[test]
+fn a_client_that_reads_too_slowly_is_cut_off_and_frees_its_worker() {
+    // 32 MiB that the client drains at about 25 KB/s: a 16 KiB chunk then takes ~650 ms to go out, over the
+    // 300 ms allowed for one write. Every partial write makes progress, so the socket timeout alone never fires.
+    let m = MockAzure::start(|_: &Recorded| Reply::Full {
+        status: 200,
+        headers: vec![("content-type".into(), "application/octet-stream".into())],
+        body: vec![b'x'; 32 << 20],
+    });
+    let p = proxy::start_with(
+        proxy::instances_for(&[&m]),
+        serde_json::json!({"workers": 1, "client_write_timeout_ms": 300}),
+    );
+    let mut slow = connect_with_small_window(p.addr);
+    use std::io::Write;
+    slow.write_all(format!("GET {CHAT} HTTP/1.1\r\nHost: x\r\napi-key: client-key\r\n\r\n").as_bytes()).expect("send");
+    slow.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut got = 0usize;
+    let mut buf = [0u8; 512];
+    let cut_off = loop {
+        assert!(Instant::now() < deadline, "still streaming to a slow reader after 20 s ({got} bytes)");
+        match slow.read(&mut buf) {
+            Ok(0) | Err(_) => break got,
+            Ok(n) => got += n,
+        }
+        thread::sleep(Duration::from_millis(20));
+    };
+    assert!(cut_off < 32 << 20, "the slow client was cut off before the end ({cut_off} bytes)");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while m.open_connections() > 0 {
+        assert!(Instant::now() < deadline, "the upstream connection was not dropped");
+        thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(chat(p.addr, "{}").status, 200, "the only worker is free again");
+}
