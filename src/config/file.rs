@@ -1,12 +1,7 @@
-//! Configuration: the JSON file (`azure_instances.json`), then environment variables, then command-line flags,
-//! each overriding the one before, validated once into a [`Config`] that the rest of the proxy shares read-only.
-//!
-//! The file format is the original proxy's (`instances`, `header_name`, `client_header_name`, `client_keys`) plus
-//! optional fields for every limit. Unknown fields are an error: a typo such as `client_key` must not silently turn
-//! the allowlist off. Every default is a named constant below, next to the field it fills.
+//! The JSON file as users write it (`FileConfig`), and its validation into a [`Config`]: every field checked,
+//! every default filled in, every error naming the file, the field and the fix.
 
 use std::collections::{BTreeMap, HashSet};
-use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -14,177 +9,9 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use super::*;
 use crate::client_ip::Cidr;
 use crate::http::client_stream::server_config;
-
-pub const DEFAULT_CONFIG_PATH: &str = "azure_instances.json";
-pub const DEFAULT_LISTEN: &str = "0.0.0.0:8000";
-pub const DEFAULT_HEADER_NAME: &str = "api-key";
-pub const DEFAULT_WORKERS: usize = 64;
-pub const DEFAULT_QUEUE_SIZE: usize = 256;
-pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
-pub const DEFAULT_MAX_HEAD_BYTES: usize = 32 * 1024;
-pub const DEFAULT_MAX_HEADERS: usize = 100;
-pub const DEFAULT_MAX_BODY_BYTES: u64 = 32 * 1024 * 1024;
-pub const DEFAULT_HEAD_TIMEOUT_MS: u64 = 10_000;
-pub const DEFAULT_IDLE_TIMEOUT_MS: u64 = 60_000;
-pub const DEFAULT_BODY_READ_TIMEOUT_MS: u64 = 30_000;
-pub const DEFAULT_CLIENT_WRITE_TIMEOUT_MS: u64 = 30_000;
-/// How long a worker waits for the next request on a keep-alive connection before handing it to the front
-/// thread. Short: it only catches clients that send back-to-back (load generators, batch jobs, pooled SDKs).
-pub const DEFAULT_KEEPALIVE_LINGER_MS: u64 = 2;
-pub const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 10_000;
-/// A non-streamed completion sends its head only when the whole answer is generated: minutes, not seconds.
-pub const DEFAULT_UPSTREAM_RESPONSE_TIMEOUT_MS: u64 = 300_000;
-/// The longest silence allowed between two reads from an upstream (an SSE stream's gap between events). ureq
-/// applies it to the wait for the response head too, so it must not be shorter than the response timeout.
-pub const DEFAULT_UPSTREAM_READ_TIMEOUT_MS: u64 = 300_000;
-pub const DEFAULT_ERROR_BODY_MAX_BYTES: usize = 2048;
-pub const DEFAULT_MAX_BAD_KEYS: u32 = 5;
-pub const DEFAULT_BLOCK_SECONDS: u64 = 300;
-pub const DEFAULT_MAX_TRACKED_CLIENTS: usize = 100_000;
-/// The admin endpoints, all on by default.
-pub const ADMIN_ENDPOINTS: [&str; 3] = ["healthz", "readyz", "metrics"];
-/// How long a stop waits for requests in flight (streams included) before exiting anyway.
-pub const DEFAULT_DRAIN_SECONDS: u64 = 30;
-/// Cooldown after a 429/503 that names no retry time.
-pub const DEFAULT_COOLDOWN_MS: u64 = 1_000;
-/// Cap on any honoured retry time (a misbehaving `Retry-After: 86400` must not take an instance out for a day);
-/// 0 turns cooldowns off (plain round-robin).
-pub const DEFAULT_MAX_COOLDOWN_MS: u64 = 60_000;
-/// Consecutive connection failures or timeouts that open an instance's circuit; 0 turns the breaker off.
-pub const DEFAULT_CIRCUIT_FAILURES: u32 = 3;
-/// First open interval; it doubles on every failed probe, up to the maximum.
-pub const DEFAULT_CIRCUIT_OPEN_MS: u64 = 1_000;
-pub const DEFAULT_CIRCUIT_MAX_OPEN_MS: u64 = 60_000;
-/// Sum of the weights in one priority tier (the weighted order is precomputed with one slot per unit of weight).
-pub const MAX_TIER_WEIGHT: u32 = 10_000;
-
-/// A secret string (an instance key or a client key). Its `Debug` never shows the value, so a stray `{:?}` of a
-/// config in a log line or a panic cannot leak it.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn new(value: impl Into<String>) -> Secret {
-        Secret(value.into())
-    }
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Secret(***)")
-    }
-}
-
-/// One upstream Azure OpenAI resource.
-#[derive(Clone, Debug)]
-pub struct Instance {
-    /// Used in logs and in the fallback error body; defaults to the endpoint's host (with its port, if any).
-    pub name: String,
-    /// `scheme://host[:port]` with no trailing slash; the client's path is appended unchanged.
-    pub endpoint: String,
-    pub api_key: Secret,
-    /// Lower is tried first; a tier is left only when all its instances are cooling down or failed.
-    pub priority: u32,
-    /// Share of requests inside its tier (smooth weighted round-robin).
-    pub weight: u32,
-    /// Client deployment name → this instance's deployment name.
-    pub deployments: BTreeMap<String, String>,
-    /// Skip this instance for deployment names that `deployments` does not list.
-    pub deployments_only: bool,
-    /// Replaces the client's `api-version` query parameter.
-    pub api_version: Option<String>,
-    /// Per-instance upstream timeouts; `None` means the global one.
-    pub connect_timeout: Option<Duration>,
-    pub upstream_response_timeout: Option<Duration>,
-    pub upstream_read_timeout: Option<Duration>,
-}
-
-impl Instance {
-    pub fn has_timeout_overrides(&self) -> bool {
-        self.connect_timeout.is_some()
-            || self.upstream_response_timeout.is_some()
-            || self.upstream_read_timeout.is_some()
-    }
-}
-
-/// How requests are spread and retried across instances.
-#[derive(Clone, Debug)]
-pub struct Routing {
-    /// Attempts per request, at most one per instance.
-    pub max_attempts: usize,
-    /// No new attempt starts after this much time since the request arrived (`None`: no deadline).
-    pub attempt_deadline: Option<Duration>,
-    pub default_cooldown: Duration,
-    /// Zero disables cooldowns entirely.
-    pub max_cooldown: Duration,
-    /// Zero disables the circuit breaker.
-    pub circuit_failures: u32,
-    pub circuit_open: Duration,
-    pub circuit_max_open: Duration,
-}
-
-/// The validated configuration. Invariants: `instances` is non-empty, names are unique, header names are valid
-/// lowercase tokens, every count and timeout is non-zero where zero would make no sense.
-#[derive(Clone, Debug)]
-pub struct Config {
-    pub instances: Vec<Instance>,
-    /// Header that carries the instance key to Azure (lowercase).
-    pub header_name: String,
-    /// Header that carries the client's key to the proxy (lowercase).
-    pub client_header_name: String,
-    /// Allowlist of client keys; empty means any non-empty key is accepted (the original's behaviour).
-    pub client_keys: Vec<Secret>,
-    pub listen: SocketAddr,
-    pub workers: usize,
-    /// Requests waiting for a worker; beyond it the proxy answers 503 at once.
-    pub queue_size: usize,
-    /// Open client connections (idle, reading, or being served); beyond it new ones get 503 and are closed.
-    pub max_connections: usize,
-    pub max_head_bytes: usize,
-    pub max_headers: usize,
-    pub max_body_bytes: u64,
-    /// Time allowed from a connection's first byte (or its accept) to a complete request head.
-    pub head_timeout: Duration,
-    /// How long an idle keep-alive connection is kept.
-    pub idle_timeout: Duration,
-    /// Longest wait for one read of a request body.
-    pub body_read_timeout: Duration,
-    /// Longest wait for one write to a client (a client that stops reading frees its worker after this).
-    pub client_write_timeout: Duration,
-    /// How long a worker waits for a next request on the connection it just served (0: never; see
-    /// `DEFAULT_KEEPALIVE_LINGER_MS`). It never waits while other requests are queued.
-    pub keepalive_linger: Duration,
-    pub connect_timeout: Duration,
-    pub upstream_response_timeout: Duration,
-    pub upstream_read_timeout: Duration,
-    pub error_body_max_bytes: usize,
-    /// Consecutive bad keys from one IP before it is blocked; 0 disables blocking.
-    pub max_bad_keys: u32,
-    pub block_duration: Duration,
-    pub max_tracked_clients: usize,
-    /// Peers whose `X-Forwarded-For` is believed (load balancers in front of the proxy); empty: none.
-    pub trusted_proxies: Vec<Cidr>,
-    /// Admin endpoints served (`healthz`, `readyz`, `metrics`); the others answer 404.
-    pub admin_endpoints: Vec<String>,
-    /// Serve the admin endpoints here instead of on `listen`.
-    pub admin_listen: Option<SocketAddr>,
-    /// Extra root CAs for upstream TLS (from `ca_bundle`), with the system's bundle; None: the built-in roots.
-    pub upstream_roots: Option<Vec<ureq::tls::Certificate<'static>>>,
-    /// How upstream connections leave the host.
-    pub egress_proxy: EgressProxy,
-    /// HTTPS for clients (`tls_cert` + `tls_key`); None: plain HTTP.
-    pub client_tls: Option<Arc<rustls::ServerConfig>>,
-    /// `LOG_FORMAT=json`: access lines as JSON objects.
-    pub access_log_json: bool,
-    /// On SIGTERM/SIGINT: stop accepting, finish requests in flight for at most this long, exit 0.
-    pub drain: Duration,
-    pub routing: Routing,
-}
 
 /// The JSON file as written by users. Optional fields fall back to the defaults above.
 #[derive(Deserialize, Default)]
@@ -247,60 +74,7 @@ struct FileInstance {
     upstream_read_timeout_ms: Option<u64>,
 }
 
-/// Settings from the command line; `None` means "not given".
-#[derive(Debug, Default, Clone)]
-pub struct Overrides {
-    pub config_path: Option<PathBuf>,
-    pub listen: Option<String>,
-    pub workers: Option<usize>,
-}
-
-/// A configuration problem, phrased so that the user can fix it: which file, which field, what to do.
-#[derive(Debug)]
-pub struct ConfigError {
-    pub message: String,
-}
-
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.message)
-    }
-}
-
-impl std::error::Error for ConfigError {}
-
-/// Where each setting can come from, so that the loader can be tested without touching the real environment.
-pub trait Env {
-    fn var(&self, name: &str) -> Option<String>;
-}
-
-pub struct ProcessEnv;
-
-impl Env for ProcessEnv {
-    fn var(&self, name: &str) -> Option<String> {
-        std::env::var(name).ok()
-    }
-}
-
 impl Config {
-    /// Loads the file named by `--config`, else `AZURE_PROXY_CONFIG`, else `azure_instances.json`, then applies the
-    /// environment and the flags.
-    pub fn load(overrides: &Overrides, env: &dyn Env) -> Result<Config, ConfigError> {
-        let path = overrides
-            .config_path
-            .clone()
-            .or_else(|| env.var("AZURE_PROXY_CONFIG").map(PathBuf::from))
-            .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG_PATH));
-        let text = std::fs::read_to_string(&path).map_err(|e| ConfigError {
-            message: format!(
-                "cannot read config file {}: {e} (set AZURE_PROXY_CONFIG or --config to the JSON file; \
-                 see azure_instances.example.json)",
-                path.display()
-            ),
-        })?;
-        Config::from_json(&text, &path, overrides, env)
-    }
-
     /// Parses and validates `text` as if it were the file at `path` (used in messages only).
     pub fn from_json(text: &str, path: &Path, overrides: &Overrides, env: &dyn Env) -> Result<Config, ConfigError> {
         let file = path.display();
@@ -559,24 +333,6 @@ impl Config {
         };
         Ok(config)
     }
-
-    /// Every secret the proxy holds, for scrubbing text that came from outside before it is logged.
-    pub fn secrets(&self) -> Vec<String> {
-        let upstream = self.instances.iter().map(|i| i.api_key.expose().to_string());
-        let clients = self.client_keys.iter().map(|k| k.expose().to_string());
-        upstream.chain(clients).collect()
-    }
-}
-
-/// How upstream connections leave the host.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum EgressProxy {
-    /// Straight to the instance (the default: `HTTPS_PROXY` and friends are ignored unless asked for).
-    Direct,
-    /// Through the proxy named by `ALL_PROXY`/`HTTPS_PROXY`/`HTTP_PROXY` (and `NO_PROXY`), read at start.
-    FromEnvironment,
-    /// Through this HTTP CONNECT proxy (it may carry credentials, hence `Secret`).
-    Url(Secret),
 }
 
 /// The certificates of `ca_bundle`, plus the system's bundle (`SSL_CERT_FILE`, else Debian's path) when there is
@@ -635,11 +391,6 @@ fn header_field(value: Option<String>, field: &str) -> Result<String, String> {
         return Err(format!("{name:?} is not a valid HTTP header name (set {field} to e.g. \"api-key\")"));
     }
     Ok(name)
-}
-
-/// RFC 9110 `tchar`.
-pub fn is_token_byte(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
 }
 
 /// A deployment name or api-version: safe to splice into a path or query as it is.
