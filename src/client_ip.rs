@@ -60,12 +60,14 @@ fn canonical(ip: IpAddr) -> IpAddr {
 }
 
 /// The client address for a request from `peer` carrying these `X-Forwarded-For` values (in header order).
-pub fn client_ip(peer: IpAddr, forwarded_for: &[&[u8]], trusted: &[Cidr]) -> IpAddr {
+/// The values are only looked at when the peer is trusted, so the common case costs nothing.
+pub fn client_ip<V: AsRef<[u8]>>(peer: IpAddr, forwarded_for: impl IntoIterator<Item = V>, trusted: &[Cidr]) -> IpAddr {
     let peer = canonical(peer);
     if trusted.is_empty() || !trusted.iter().any(|c| c.contains(peer)) {
         return peer;
     }
-    let hops: Vec<&[u8]> = forwarded_for.iter().flat_map(|v| v.split(|b| *b == b',')).collect();
+    let values: Vec<V> = forwarded_for.into_iter().collect();
+    let hops: Vec<&[u8]> = values.iter().flat_map(|v| v.as_ref().split(|b| *b == b',')).collect();
     let mut client = peer;
     for hop in hops.iter().rev() {
         let Some(ip) = std::str::from_utf8(hop).ok().and_then(|h| h.trim().parse::<IpAddr>().ok()) else {

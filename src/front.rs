@@ -18,9 +18,10 @@ use crossbeam_channel::{Receiver, Sender, TrySendError};
 
 use crate::config::{Config, Overrides, ProcessEnv};
 use crate::http::parse::{parse_head, HeadError};
-use crate::http::write::{error_json, write_json, Persist};
+use crate::http::write::Persist;
 use crate::http::{ClientStream, Conn, Head};
 use crate::lifecycle;
+use crate::relay;
 use crate::request_id;
 use crate::state::Shared;
 
@@ -406,7 +407,6 @@ fn refuse(conn: Conn, e: HeadError) {
 fn canned(mut conn: Conn, status: u16, message: &str, extra: &[(&str, &str)]) {
     let rid = request_id::accept_or_generate(None);
     let kind = if status >= 500 { "server_error" } else { "invalid_request_error" };
-    let body = error_json(message, kind, &status.to_string(), &rid);
-    let _ = write_json(&mut conn.stream, status, &rid, &body, extra, Persist::Close);
+    relay::respond_error(&mut conn.stream, &rid, status, kind, message, extra, Persist::Close);
     let _ = conn.stream.tcp().shutdown(std::net::Shutdown::Write);
 }

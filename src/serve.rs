@@ -30,18 +30,13 @@ pub fn serve(state: &State, mut conn: Conn, head: Head, draining: bool) -> Optio
     let http10 = head.minor_version == 0;
     let persist = if wants_keep_alive { Persist::KeepAlive { http10 } } else { Persist::Close };
 
-    let trusted = &state.config.trusted_proxies;
-    let client = if trusted.is_empty() {
-        conn.peer.ip()
-    } else {
-        let forwarded: Vec<&[u8]> =
-            head.headers.iter().filter(|(n, _)| n == "x-forwarded-for").map(|(_, v)| v.as_slice()).collect();
-        client_ip::client_ip(conn.peer.ip(), &forwarded, trusted)
-    };
+    let forwarded = head.headers.iter().filter(|(n, _)| n == "x-forwarded-for").map(|(_, v)| v.as_slice());
+    let client = client_ip::client_ip(conn.peer.ip(), forwarded, &state.config.trusted_proxies);
     state.metrics.in_flight.fetch_add(1, Ordering::Relaxed);
     let relayed = handle(state, &mut conn, &head, &rid, client, persist, started);
     state.metrics.in_flight.fetch_sub(1, Ordering::Relaxed);
-    state.metrics.request(metrics::route_class(head.path()), relayed.status, started.elapsed());
+    let took = started.elapsed();
+    state.metrics.request(metrics::route_class(head.path()), relayed.status, took);
     let entry = access_log::Entry {
         request_id: &rid,
         client,
@@ -50,7 +45,7 @@ pub fn serve(state: &State, mut conn: Conn, head: Head, draining: bool) -> Optio
         status: relayed.status,
         instance: relayed.instance.as_deref(),
         attempts: relayed.attempts,
-        duration: started.elapsed(),
+        duration: took,
         bytes: relayed.bytes,
         note: relayed.note,
     };

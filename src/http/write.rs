@@ -68,19 +68,6 @@ pub fn error_json(message: &str, kind: &str, code: &str, request_id: &str) -> se
     serde_json::json!({ "error": { "message": message, "type": kind, "code": code, "request_id": request_id } })
 }
 
-/// Writes a complete small response with a JSON body. Returns the body size.
-pub fn write_json(
-    stream: &mut impl Write,
-    status: u16,
-    request_id: &str,
-    body: &serde_json::Value,
-    extra: &[(&str, &str)],
-    persist: Persist,
-) -> io::Result<u64> {
-    let body = serde_json::to_vec(body).unwrap_or_default();
-    write_small(stream, status, request_id, "application/json", &body, extra, persist)
-}
-
 /// Writes a complete small response (head and body in one write). Returns the body size.
 pub fn write_small(
     stream: &mut impl Write,
