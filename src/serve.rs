@@ -12,7 +12,8 @@ use crate::admin;
 use crate::client_ip;
 use crate::guard::Verdict;
 use crate::http::body::{self, BodyError};
-use crate::http::parse::{is_safe_origin_form, Framing, FramingError, Head};
+use crate::http::parse::{Framing, FramingError, Head};
+use crate::http::target;
 use crate::http::write::Persist;
 use crate::http::Conn;
 use crate::metrics;
@@ -94,16 +95,24 @@ fn handle(
     let has_body = !matches!(framing, Framing::None | Framing::Length(0));
     let early = if has_body { Persist::Close } else { persist };
 
-    if !is_safe_origin_form(&head.target) || head.method == "CONNECT" {
+    // Checked before anything else looks at the path: what passes can be forwarded byte for byte, and nothing
+    // that an upstream could resolve outside /openai/ passes (see http::target).
+    let target_ok =
+        if head.method == "CONNECT" { Err(target::TargetError::NotOriginForm) } else { target::check(&head.target) };
+    if let Err(why) = target_ok {
+        log::info!("{rid} request target refused: {}", why.message());
         return relay::respond_error(
             &mut conn.stream,
             rid,
-            400,
+            why.status(),
             "invalid_request_error",
-            "only origin-form request targets are accepted",
+            why.message(),
             &[],
             Persist::Close,
         );
+    }
+    if let Err(why) = head.check_host() {
+        return relay::respond_error(&mut conn.stream, rid, 400, "invalid_request_error", why, &[], Persist::Close);
     }
     let path = head.path();
     if state.config.admin_listen.is_none() {

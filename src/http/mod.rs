@@ -7,6 +7,7 @@ pub mod body;
 pub mod client_stream;
 pub mod conn;
 pub mod parse;
+pub mod target;
 pub mod write;
 
 pub use client_stream::ClientStream;
