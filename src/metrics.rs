@@ -62,6 +62,8 @@ pub struct Metrics {
     attempts: Mutex<BTreeMap<String, BTreeMap<&'static str, u64>>>,
     tokens: Mutex<BTreeMap<(String, String, &'static str), u64>>,
     pub retries: AtomicU64,
+    /// Attempts that failed on this side (out of resources, a request that cannot be sent): no instance's fault.
+    pub attempts_not_sent: AtomicU64,
     pub shed: AtomicU64,
     pub in_flight: AtomicI64,
     pub request_seconds: Histogram,
@@ -118,6 +120,12 @@ impl Metrics {
             let _ = writeln!(out, "azure_proxy_upstream_attempts_total{{instance=\"{i}\",outcome=\"{o}\"}} {n}");
         }
         counter(&mut out, "azure_proxy_retries_total", "Attempts beyond the first of a request.", &self.retries);
+        counter(
+            &mut out,
+            "azure_proxy_attempts_not_sent_total",
+            "Attempts that failed in this process (out of resources, request not sendable); counted against no instance.",
+            &self.attempts_not_sent,
+        );
         counter(
             &mut out,
             "azure_proxy_shed_total",

@@ -109,6 +109,14 @@ pub fn relay(state: &State, ex: &Exchange, client: &mut ClientStream, persist: P
         let result = upstream::send(state, idx, &method, &headers, &target, &body, ex.framing);
         let elapsed = t0.elapsed();
         match result {
+            Ok(resp) if resp.status().is_informational() => {
+                // ureq consumes 100 and 103 itself; what reaches here is an unsolicited 101 (or a 1xx it let
+                // through): the proxy never asked to switch protocols, and a bare 1xx is no answer to relay.
+                let detail =
+                    format!("unexpected {} {}", resp.status().as_u16(), resp.status().canonical_reason().unwrap_or(""));
+                let failure = Outcome::Failed { kind: FailureKind::Protocol, detail };
+                record_failure(state, rid, idx, (n + 1, total), elapsed, failure, &mut attempts);
+            }
             Ok(resp) => {
                 let status = resp.status().as_u16();
                 state.metrics.attempt(&inst.name, status_class(status), elapsed);
@@ -134,6 +142,7 @@ pub fn relay(state: &State, ex: &Exchange, client: &mut ClientStream, persist: P
                     deployment: deployment.as_deref(),
                     started: ex.started,
                     write_limit: state.config.client_write_timeout,
+                    secrets: &state.secrets,
                 };
                 let mut relayed = stream_response(resp, ex, client, persist, tally);
                 relayed.instance = Some(inst.name.clone());
@@ -142,24 +151,17 @@ pub fn relay(state: &State, ex: &Exchange, client: &mut ClientStream, persist: P
             }
             Err(e) => {
                 let (kind, detail) = classify(&e);
-                state.metrics.attempt(&inst.name, kind.label(), elapsed);
-                if kind != FailureKind::Local {
-                    state.balancer.observe(idx, Observation::Unreachable);
-                } else {
-                    state.balancer.release(idx);
-                }
                 let detail = state.redact(&detail);
-                log::warn!(
-                    "{rid} attempt {}/{total} instance={} error={kind:?} elapsed_ms={} detail={detail:?}",
-                    n + 1,
-                    inst.name,
-                    elapsed.as_millis()
-                );
-                attempts.push(Attempt {
-                    instance: inst.name.clone(),
-                    outcome: Outcome::Failed { kind, detail },
-                    elapsed,
-                });
+                if kind == FailureKind::Request {
+                    // The same request would fail the same way on every instance, and none of them is to blame.
+                    state.balancer.release(idx);
+                    state.metrics.attempts_not_sent.fetch_add(1, Ordering::Relaxed);
+                    log::warn!("{rid} request cannot be sent upstream: {detail}");
+                    let msg = format!("the request cannot be forwarded: {detail}");
+                    return respond_error(client, rid, 400, INVALID, &msg, &[], persist);
+                }
+                let failure = Outcome::Failed { kind, detail };
+                record_failure(state, rid, idx, (n + 1, total), elapsed, failure, &mut attempts);
             }
         }
     }
@@ -168,6 +170,33 @@ pub fn relay(state: &State, ex: &Exchange, client: &mut ClientStream, persist: P
         return unavailable(client, rid, Duration::from_secs(1), false, persist);
     }
     fallback(client, ex, &attempts, persist)
+}
+
+/// Logs and records a failed attempt. Only a failure that says something about the instance counts against its
+/// circuit and in its attempt metrics; running out of descriptors here is not the instance's fault.
+fn record_failure(
+    state: &State,
+    rid: &str,
+    idx: usize,
+    (nth, total): (usize, usize),
+    elapsed: Duration,
+    outcome: Outcome,
+    attempts: &mut Vec<Attempt>,
+) {
+    let name = &state.config.instances[idx].name;
+    let Outcome::Failed { kind, detail } = &outcome else { return };
+    if kind.is_instance_fault() {
+        state.metrics.attempt(name, kind.label(), elapsed);
+        state.balancer.observe(idx, Observation::Unreachable);
+    } else {
+        state.metrics.attempts_not_sent.fetch_add(1, Ordering::Relaxed);
+        state.balancer.release(idx);
+    }
+    log::warn!(
+        "{rid} attempt {nth}/{total} instance={name} error={kind:?} elapsed_ms={} detail={detail:?}",
+        elapsed.as_millis()
+    );
+    attempts.push(Attempt { instance: name.clone(), outcome, elapsed });
 }
 
 /// Nothing can take the request now: 429 when every instance is cooling down after throttling (the client should

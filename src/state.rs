@@ -13,6 +13,7 @@ use crate::balancer::Balancer;
 use crate::config::{Config, EgressProxy};
 use crate::guard::Guard;
 use crate::metrics::Metrics;
+use crate::redact::Secrets;
 
 pub struct State {
     pub config: Config,
@@ -28,8 +29,9 @@ pub struct State {
     pub key_header: HeaderName,
     /// Each instance's key as a header value, parsed once and marked sensitive (hidden from `Debug`).
     pub instance_keys: Vec<HeaderValue>,
-    /// Every secret, longest first, for scrubbing text from outside (upstream error bodies) before logging it.
-    secrets: Vec<String>,
+    /// Every configured key, for scrubbing text from outside (upstream error bodies and headers) before it is
+    /// logged or relayed.
+    pub secrets: Secrets,
 }
 
 impl State {
@@ -54,8 +56,7 @@ impl State {
             v.set_sensitive(true);
             instance_keys.push(v);
         }
-        let mut secrets = config.secrets();
-        secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
+        let secrets = Secrets::new(config.secrets());
         let agent = match previous {
             Some(p) if agent_settings(&p.config) == agent_settings(&config) => p.agent.clone(),
             _ => build_agent(&config),
@@ -85,7 +86,7 @@ impl State {
     /// How much of an upstream error body to read for the log: the logged length plus the longest key, so that
     /// a key straddling the cut is read whole and redacted, not half-logged.
     pub fn error_read_bytes(&self) -> usize {
-        self.config.error_body_max_bytes + self.secrets.first().map_or(0, String::len)
+        self.config.error_body_max_bytes + self.secrets.longest()
     }
 
     /// An upstream error body as it may be logged: keys redacted first, then cut at `error_body_max_bytes`.
@@ -101,13 +102,7 @@ impl State {
 
     /// `text` with every configured key replaced by `[REDACTED]`.
     pub fn redact(&self, text: &str) -> String {
-        let mut out = text.to_string();
-        for s in &self.secrets {
-            if !s.is_empty() && out.contains(s.as_str()) {
-                out = out.replace(s.as_str(), "[REDACTED]");
-            }
-        }
-        out
+        self.secrets.redact(text)
     }
 }
 

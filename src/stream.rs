@@ -13,6 +13,7 @@ use crate::http::conn::abort;
 use crate::http::write::{self, Persist, ResponseHead, BROKEN_CHUNK, CHUNK_BUF, CHUNK_DATA, CHUNK_PREFIX, LAST_CHUNK};
 use crate::http::ClientStream;
 use crate::metrics::{Metrics, UsageTail};
+use crate::redact::{Secrets, StreamMask};
 use crate::relay::{Exchange, Relayed};
 use crate::upstream::HOP_BY_HOP;
 
@@ -33,6 +34,8 @@ pub struct Tally<'a> {
     pub deployment: Option<&'a str>,
     pub started: Instant,
     pub write_limit: Duration,
+    /// Keys to mask in relayed headers and non-2xx bodies.
+    pub secrets: &'a Secrets,
 }
 
 /// What is watched while a body is copied: the first byte of a stream, the token usage at the end.
@@ -42,6 +45,8 @@ struct Watch<'a> {
     /// Only for 200 JSON and SSE bodies, the ones that carry a `usage` object.
     tail: Option<UsageTail>,
     seen_first_byte: bool,
+    /// For error bodies: the keys an upstream may echo, masked as the body streams.
+    mask: Option<StreamMask<'a>>,
 }
 
 impl Watch<'_> {
@@ -78,15 +83,24 @@ pub fn stream_response(
     let content_type = parts.headers.get("content-type").and_then(|v| v.to_str().ok()).unwrap_or_default();
     let sse = content_type.starts_with("text/event-stream");
     let carries_usage = status == 200 && (sse || content_type.starts_with("application/json"));
-    let mut watch = Watch { tally, sse, tail: carries_usage.then(UsageTail::default), seen_first_byte: false };
+    let mut watch =
+        Watch { tally, sse, tail: carries_usage.then(UsageTail::default), seen_first_byte: false, mask: None };
     let no_body = ex.head.method == "HEAD" || status == 204 || status == 304 || status < 200;
-    let upstream_len = parts.headers.get("content-length").and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok());
     let http10 = ex.head.minor_version == 0;
-    let out = match (no_body, upstream_len) {
+    // The length the client is told is the one ureq decodes the body by, never the header as sent: with
+    // `Transfer-Encoding` present, `Content-Length` means nothing (RFC 9112 §6.3) and relaying it would leave
+    // the rest of the body to be read as the client's next response.
+    let out = match (no_body, body.content_length()) {
         (true, _) => Out::Empty,
         (false, Some(n)) => Out::Length(n),
         (false, None) if !http10 => Out::Chunked,
         (false, None) => Out::UntilClose,
+    };
+    // A HEAD or 304 answer describes a body it does not carry: its length passes on when it is unambiguous.
+    let described_len = if parts.headers.contains_key("transfer-encoding") {
+        None
+    } else {
+        parts.headers.get("content-length").and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok())
     };
     let persist = if out == Out::UntilClose { Persist::Close } else { persist };
 
@@ -106,7 +120,9 @@ pub fn stream_response(
         }
         // Ours is the client-facing ID; Azure's own is kept under another name for support tickets.
         let n = if n == "x-request-id" { "x-upstream-request-id" } else { n };
-        head.header(n, value.as_bytes());
+        let mut value = value.as_bytes().to_vec();
+        watch.tally.secrets.mask(&mut value);
+        head.header(n, &value);
     }
     match out {
         Out::Length(n) => {
@@ -115,7 +131,7 @@ pub fn stream_response(
         // HEAD and 304 describe the body they stand for; 204 and 1xx must not carry a length (RFC 9110 §8.6).
         Out::Empty if status == 204 || status < 200 => {}
         Out::Empty => {
-            if let Some(n) = upstream_len {
+            if let Some(n) = described_len {
                 head.header("Content-Length", n.to_string().as_bytes());
             }
         }
@@ -143,6 +159,8 @@ pub fn stream_response(
     if out == Out::Empty {
         return relayed;
     }
+    // An error body may echo the key the upstream received; a 2xx body is the model's and streams untouched.
+    watch.mask = (status >= 300).then(|| watch.tally.secrets.stream());
     copy_body(body.into_reader(), client, out, pending_head, &mut relayed, &mut watch);
     relayed
 }
@@ -174,9 +192,18 @@ fn copy_with(
     relayed: &mut Relayed,
     watch: &mut Watch,
 ) {
-    loop {
-        let n = match reader.read(&mut buf[CHUNK_PREFIX..CHUNK_PREFIX + CHUNK_DATA]) {
-            Ok(0) => break,
+    // A masked body may come out longer than one read (bytes held back from the read before): leave room.
+    let room = match &watch.mask {
+        Some(m) => CHUNK_DATA.saturating_sub(m.holds_at_most()).max(1),
+        None => CHUNK_DATA,
+    };
+    let mut at_end = false;
+    while !at_end {
+        let n = match reader.read(&mut buf[CHUNK_PREFIX..CHUNK_PREFIX + room]) {
+            Ok(0) => {
+                at_end = true;
+                0
+            }
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => {
@@ -195,6 +222,17 @@ fn copy_with(
                 return;
             }
         };
+        let n = match &mut watch.mask {
+            Some(m) => {
+                let safe = if at_end { m.finish() } else { m.push(&buf[CHUNK_PREFIX..CHUNK_PREFIX + n]) };
+                buf[CHUNK_PREFIX..CHUNK_PREFIX + safe.len()].copy_from_slice(&safe);
+                safe.len()
+            }
+            None => n,
+        };
+        if n == 0 {
+            continue;
+        }
         watch.on_bytes(&buf[CHUNK_PREFIX..CHUNK_PREFIX + n]);
         let written = match out {
             Out::Chunked => {
@@ -221,6 +259,16 @@ fn copy_with(
             return; // dropping `reader` closes the upstream connection, so the model stops generating for nobody
         }
         relayed.bytes += n as u64;
+    }
+    if let Out::Length(declared) = out {
+        if relayed.bytes != declared {
+            // Should the reader ever end a length-framed body short without an error, the client must not take
+            // the short body for the whole one, nor its connection for one in sync.
+            log::warn!("upstream body ended after {} of {declared} bytes", relayed.bytes);
+            relayed.reusable = false;
+            relayed.note = Some("upstream_broke");
+            return;
+        }
     }
     let tail = if out == Out::Chunked { LAST_CHUNK } else { &[][..] };
     let nothing_left = pending_head.is_empty() && tail.is_empty();

@@ -19,8 +19,12 @@ use crate::state::State;
 pub const HOP_BY_HOP: &[&str] =
     &["connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer", "upgrade", "host"];
 /// Request headers not forwarded besides those: framing (ureq sets it from the body), `Expect` (already
-/// answered by us; forwarding it would make ureq wait for a 100), and the ID we set ourselves.
-const REQUEST_DROP: &[&str] = &["content-length", "expect", "x-ms-client-request-id"];
+/// answered by us; forwarding it would make ureq wait for a 100), the ID we set ourselves, and every header that
+/// can carry a client credential: whatever `client_header_name` is, an SDK may send its proxy key as
+/// `Authorization: Bearer` as well, and `Proxy-Authorization` is for the hop it was sent to. When an instance's
+/// key travels in `Authorization`, the proxy sets it itself for each attempt.
+const REQUEST_DROP: &[&str] =
+    &["content-length", "expect", "x-ms-client-request-id", "authorization", "proxy-authorization"];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FailureKind {
@@ -29,9 +33,14 @@ pub enum FailureKind {
     Dns,
     Tls,
     Io,
-    /// This process ran out of something (file descriptors, memory): not the instance's fault, so it must not
-    /// count against the instance's circuit.
+    /// The instance answered something that is not a usable HTTP response (an unsolicited protocol switch, a
+    /// malformed head or body framing).
+    Protocol,
+    /// This process ran out of something (file descriptors, memory): not the instance's fault.
     Local,
+    /// The request could not be put on the wire (a builder or header error): the request's fault or the
+    /// proxy's, the same on every instance.
+    Request,
     Other,
 }
 
@@ -44,9 +53,17 @@ impl FailureKind {
             FailureKind::Dns => "dns",
             FailureKind::Tls => "tls",
             FailureKind::Io => "io",
+            FailureKind::Protocol => "protocol",
             FailureKind::Local => "local",
+            FailureKind::Request => "request",
             FailureKind::Other => "other",
         }
+    }
+
+    /// Whether the failure says something about the instance. Only these count against its circuit and
+    /// appear in its attempt metrics; the others are this process's or the request's own.
+    pub fn is_instance_fault(self) -> bool {
+        !matches!(self, FailureKind::Local | FailureKind::Request)
     }
 }
 
@@ -251,7 +268,38 @@ pub fn classify(e: &ureq::Error) -> (FailureKind, String) {
             };
             (kind, text)
         }
+        ureq::Error::Protocol(p) => (protocol_kind(p), format!("protocol: {p}")),
+        ureq::Error::Http(_)
+        | ureq::Error::BadUri(_)
+        | ureq::Error::InvalidProxyUrl
+        | ureq::Error::RequireHttpsOnly(_)
+        | ureq::Error::TlsRequired
+        | ureq::Error::Pem(_)
+        | ureq::Error::BodyExceedsLimit(_)
+        | ureq::Error::StatusCode(_) => (FailureKind::Request, e.to_string()),
+        ureq::Error::ConnectionFailed | ureq::Error::ConnectProxyFailed(_) => (FailureKind::Connect, e.to_string()),
+        ureq::Error::LargeResponseHeader(..) => (FailureKind::Protocol, e.to_string()),
         other => (FailureKind::Other, other.to_string()),
+    }
+}
+
+/// Errors about the request ureq was asked to send are `Request`; errors about what came back are the instance's.
+fn protocol_kind(e: &ureq_proto::Error) -> FailureKind {
+    use ureq_proto::Error as P;
+    match e {
+        P::BadHeader(_)
+        | P::UnsupportedVersion
+        | P::MethodVersionMismatch(..)
+        | P::TooManyHostHeaders
+        | P::BadHostHeader
+        | P::BadAuthorizationHeader
+        | P::ConflictingBodyHeaders
+        | P::OutputOverflow
+        | P::BodyContentAfterFinish
+        | P::BodyLargerThanContentLength
+        | P::BodyNotAllowed
+        | P::BodyIsChunked => FailureKind::Request,
+        _ => FailureKind::Protocol,
     }
 }
 
