@@ -66,7 +66,7 @@ bench:
 # a scratch copy of its committed seeds under fuzz/target/ (ignored), so new corpus entries never dirty the tree.
 # Knobs: FUZZ_SECONDS (per target), FUZZ_TARGETS, FUZZ_FLAGS (e.g. "-s none" to build without ASan), FUZZ_MAX_LEN.
 FUZZ_SECONDS ?= 60
-FUZZ_TARGETS ?= head chunked config client_ip
+FUZZ_TARGETS ?= head chunked config client_ip target
 FUZZ_FLAGS ?= --debug-assertions
 # Above the 8 KiB head limit and the 4 KiB chunk-line limit, so that both are reachable.
 FUZZ_MAX_LEN ?= 12288

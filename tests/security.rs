@@ -361,3 +361,93 @@ fn http11_requests_without_host_or_with_several_are_400() {
         assert_eq!(r.status, 200, "{what}: {}", r.text());
     }
 }
+
+// ---------------------------------------------------------------------------------------------------------
+// The target property: whatever the front end accepts reaches the instance byte for byte; whatever it refuses
+// reaches nobody; no target ever fails inside the upstream client (a 502 here would be the old hole).
+// ---------------------------------------------------------------------------------------------------------
+
+/// An upstream that records each request line and answers 200, keeping connections alive.
+struct LineSink {
+    addr: SocketAddr,
+    lines: Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl LineSink {
+    fn start() -> LineSink {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let lines = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = Arc::clone(&lines);
+        thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(mut s) = conn else { continue };
+                let sink = Arc::clone(&sink);
+                thread::spawn(move || {
+                    let _ = s.set_read_timeout(Some(Duration::from_secs(30)));
+                    while let Some(req) = read_request(&mut s) {
+                        let line = req.split(|b| *b == b'\r').next().unwrap_or_default();
+                        sink.lock().expect("lines").push(String::from_utf8_lossy(line).into_owned());
+                        if s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}").is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        LineSink { addr, lines }
+    }
+}
+
+/// Pieces that random targets are made of: every printable ASCII byte, and the spellings the checks are about.
+const PIECES: &[&str] = &[
+    "/", "/", "/", "?", "&", "=", ".", "..", "%2e", "%2E", "%2f", "%5c", "%5C", "%3b", "%25", "%00", "%0a", "%c0",
+    "%zz", "%4", "%41", "\\", ";", "..;", "a", "b", "gpt-4o", "deployments", "{", "}", "|", "^", "`", "\"", "<", ">",
+    "~", "'", "[", "]", "@", "!", "$", "(", ")", "*", "+", ",", ":", "%", "#", "\x7f",
+];
+
+#[test]
+fn every_accepted_target_reaches_the_instance_byte_for_byte_and_no_refused_one_reaches_it() {
+    let sink = LineSink::start();
+    let p = proxy::start_with(
+        vec![instance(&format!("http://{}", sink.addr), UP_KEY, "sink")],
+        json!({"client_keys": [CLIENT_KEY]}),
+    );
+    let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let (mut accepted, mut refused) = (0, 0);
+    for _ in 0..1500 {
+        let mut target = String::from("/openai/");
+        for _ in 0..(next() % 12 + 1) {
+            // Half the time a printable byte, otherwise one of the pieces.
+            if next() % 2 == 0 {
+                target.push((0x21 + (next() % 94) as u8) as char);
+            } else {
+                target.push_str(PIECES[(next() % PIECES.len() as u64) as usize]);
+            }
+        }
+        let before = sink.lines.lock().expect("lines").len();
+        let r = get(p.addr, target.as_bytes());
+        let lines = sink.lines.lock().expect("lines").clone();
+        match azure_proxy::http::target::check(&target) {
+            Ok(()) => {
+                accepted += 1;
+                assert_eq!(r.status, 200, "{target:?} accepted but not served: {}", r.text());
+                assert_eq!(lines.len(), before + 1, "{target:?}");
+                assert_eq!(lines[before], format!("GET {target} HTTP/1.1"), "{target:?} not forwarded as sent");
+            }
+            Err(_) => {
+                refused += 1;
+                assert!(matches!(r.status, 400 | 414), "{target:?} refused by the check, answered {}", r.status);
+                assert_eq!(lines.len(), before, "{target:?} was refused but reached the instance");
+            }
+        }
+    }
+    // Both sides of the property were exercised.
+    assert!(accepted > 200 && refused > 200, "accepted {accepted}, refused {refused}");
+}
