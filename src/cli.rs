@@ -20,7 +20,8 @@ OPTIONS:
     -V, --version     print the version
 
 ENVIRONMENT:
-    ERROR_BODY_MAX_BYTES (2048), MAX_BAD_KEYS (5), BLOCK_SECONDS (300), RUST_LOG (info)
+    ERROR_BODY_MAX_BYTES (2048), MAX_BAD_KEYS (5), BLOCK_SECONDS (300), LOG_FORMAT (text),
+    RUST_LOG (info; one of error, warn, info, debug, trace, off)
 ";
 
 #[derive(Debug, Clone)]
@@ -50,11 +51,8 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Command, String> 
             "--check-config" => check = true,
             "--config" => overrides.config_path = Some(PathBuf::from(value("--config")?)),
             "--listen" => overrides.listen = Some(value("--listen")?),
-            "--workers" => {
-                let v = value("--workers")?;
-                let n = v.parse::<usize>().ok().filter(|n| *n > 0);
-                overrides.workers = Some(n.ok_or_else(|| format!("--workers {v:?} is not a positive number"))?);
-            }
+            // Checked with the rest of the configuration (config::overlay), so that the error names the flag.
+            "--workers" => overrides.workers = Some(value("--workers")?),
             other => return Err(format!("unknown argument {other:?} (see --help)")),
         }
     }
@@ -75,13 +73,12 @@ mod tests {
             Command::Run(o) => {
                 assert_eq!(o.config_path.as_deref(), Some(std::path::Path::new("a.json")));
                 assert_eq!(o.listen.as_deref(), Some("127.0.0.1:9"));
-                assert_eq!(o.workers, Some(4));
+                assert_eq!(o.workers.as_deref(), Some("4"));
             }
             other => panic!("{other:?}"),
         }
         assert!(matches!(p(&["--check-config"]), Ok(Command::CheckConfig(_))));
         assert!(matches!(p(&["--help"]), Ok(Command::Help)));
-        assert!(p(&["--workers", "0"]).is_err());
         assert!(p(&["--config"]).is_err());
         assert!(p(&["--bogus"]).is_err());
     }

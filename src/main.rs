@@ -25,6 +25,11 @@ fn main() -> ExitCode {
         }
         Command::CheckConfig(o) => match load(&o) {
             Ok(config) => {
+                // The running proxy's start-up warnings, on stderr like its log; the summary goes to stdout.
+                init_logging(config.log_level);
+                if let Some(warning) = config.open_access_warning() {
+                    log::warn!("{warning}");
+                }
                 println!("config OK: {} instance(s), listen {}", config.instances.len(), config.listen);
                 for i in &config.instances {
                     println!("  {} -> {}", i.name, i.endpoint);
@@ -34,17 +39,13 @@ fn main() -> ExitCode {
             Err(code) => code,
         },
         Command::Run(o) => {
-            init_logging();
             let config = match load(&o) {
                 Ok(c) => c,
                 Err(code) => return code,
             };
-            if config.client_keys.is_empty() {
-                log::warn!(
-                    "NO CLIENT KEY ALLOWLIST: any non-empty key in header {} is accepted. \
-                     Set client_keys in the config file to restrict access.",
-                    config.client_header_name
-                );
+            init_logging(config.log_level);
+            if let Some(warning) = config.open_access_warning() {
+                log::warn!("{warning}");
             }
             let (n, workers) = (config.instances.len(), config.workers);
             match azure_proxy::start_from_file(config, o) {
@@ -73,15 +74,15 @@ fn load(o: &Overrides) -> Result<Config, ExitCode> {
     })
 }
 
-/// stderr, UTC timestamps, level from `RUST_LOG` (a single level name; default info). ureq and rustls are kept
-/// at warn: their debug lines would print request headers, keys included.
-fn init_logging() {
+/// stderr, UTC timestamps, `level` from `RUST_LOG` (checked with the configuration, so that a typo is an error
+/// rather than a silent `info`). ureq and rustls are kept at warn: their debug lines would print request
+/// headers, keys included.
+fn init_logging(level: log::LevelFilter) {
     let _ = simple_logger::SimpleLogger::new()
-        .with_level(log::LevelFilter::Info)
-        .env()
+        .with_level(level)
         .with_utc_timestamps()
-        .with_module_level("ureq", log::LevelFilter::Warn)
-        .with_module_level("ureq_proto", log::LevelFilter::Warn)
-        .with_module_level("rustls", log::LevelFilter::Warn)
+        .with_module_level("ureq", level.min(log::LevelFilter::Warn))
+        .with_module_level("ureq_proto", level.min(log::LevelFilter::Warn))
+        .with_module_level("rustls", level.min(log::LevelFilter::Warn))
         .init();
 }

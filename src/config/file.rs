@@ -1,28 +1,84 @@
 //! The JSON file as users write it (`FileConfig`), and its validation into a [`Config`]: every field checked,
-//! every default filled in, every error naming the file, the field and the fix.
+//! every default filled in, every error naming the file, the field, what is wrong and the fix. Reading the JSON
+//! (types, unknown fields) is `json.rs`'s; the environment and the flags are applied by `overlay.rs`.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde::Deserialize;
-
+use super::json::{self, Object};
 use super::*;
 use crate::client_ip::Cidr;
 use crate::http::client_stream::server_config;
 
-/// The JSON file as written by users. Optional fields fall back to the defaults above.
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct FileConfig {
+const FILE_FIELDS: &[&str] = &[
+    "instances",
+    "header_name",
+    "client_header_name",
+    "client_keys",
+    "listen",
+    "workers",
+    "queue_size",
+    "max_connections",
+    "max_head_bytes",
+    "max_headers",
+    "max_body_bytes",
+    "head_timeout_ms",
+    "idle_timeout_ms",
+    "body_read_timeout_ms",
+    "client_write_timeout_ms",
+    "keepalive_linger_ms",
+    "connect_timeout_ms",
+    "upstream_response_timeout_ms",
+    "upstream_read_timeout_ms",
+    "error_body_max_bytes",
+    "max_bad_keys",
+    "block_seconds",
+    "max_tracked_clients",
+    "trusted_proxies",
+    "drain_seconds",
+    "admin_endpoints",
+    "admin_listen",
+    "ca_bundle",
+    "egress_proxy",
+    "tls_cert",
+    "tls_key",
+    "max_attempts",
+    "attempt_deadline_ms",
+    "cooldown_ms",
+    "max_cooldown_ms",
+    "circuit_failures",
+    "circuit_open_ms",
+    "circuit_max_open_ms",
+];
+
+const INSTANCE_FIELDS: &[&str] = &[
+    "endpoint",
+    "api_key",
+    "api_key_env",
+    "name",
+    "priority",
+    "weight",
+    "deployments",
+    "deployments_only",
+    "api_version",
+    "connect_timeout_ms",
+    "upstream_response_timeout_ms",
+    "upstream_read_timeout_ms",
+];
+
+const INSTANCE_EXAMPLE: &str = r#"{"endpoint": "https://eastus-xyz.openai.azure.com", "api_key": "…"}"#;
+
+/// The JSON file as written by users (`FILE_FIELDS`). Optional fields fall back to the defaults in `mod.rs`.
+pub(super) struct FileConfig {
     instances: Vec<FileInstance>,
     header_name: Option<String>,
     client_header_name: Option<String>,
     client_keys: Option<Vec<String>>,
-    listen: Option<String>,
-    workers: Option<usize>,
+    pub listen: Option<String>,
+    pub workers: Option<usize>,
     queue_size: Option<usize>,
     max_connections: Option<usize>,
     max_head_bytes: Option<usize>,
@@ -36,9 +92,9 @@ struct FileConfig {
     connect_timeout_ms: Option<u64>,
     upstream_response_timeout_ms: Option<u64>,
     upstream_read_timeout_ms: Option<u64>,
-    error_body_max_bytes: Option<usize>,
-    max_bad_keys: Option<u32>,
-    block_seconds: Option<u64>,
+    pub error_body_max_bytes: Option<usize>,
+    pub max_bad_keys: Option<u32>,
+    pub block_seconds: Option<u64>,
     max_tracked_clients: Option<usize>,
     trusted_proxies: Option<Vec<String>>,
     drain_seconds: Option<u64>,
@@ -57,8 +113,7 @@ struct FileConfig {
     circuit_max_open_ms: Option<u64>,
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
+/// One entry of `instances` (`INSTANCE_FIELDS`).
 struct FileInstance {
     endpoint: String,
     api_key: Option<String>,
@@ -74,208 +129,109 @@ struct FileInstance {
     upstream_read_timeout_ms: Option<u64>,
 }
 
-impl Config {
-    /// Parses and validates `text` as if it were the file at `path` (used in messages only).
-    pub fn from_json(text: &str, path: &Path, overrides: &Overrides, env: &dyn Env) -> Result<Config, ConfigError> {
-        let file = path.display();
-        let raw: FileConfig =
-            serde_json::from_str(text).map_err(|e| ConfigError { message: format!("config file {file}: {e}") })?;
-        let err = |field: &str, msg: String| ConfigError { message: format!("config file {file}: {field}: {msg}") };
-
-        if raw.instances.is_empty() {
-            return Err(err(
+impl FileConfig {
+    fn read(text: &str, file: &Path) -> Result<FileConfig, ConfigError> {
+        let mut o = json::parse(text, file, FILE_FIELDS)?;
+        let instances = o.objects("instances", INSTANCE_FIELDS)?.ok_or_else(|| {
+            o.error(
                 "instances",
-                "the list is empty; add at least one {\"endpoint\": ..., \"api_key\": ...}".into(),
-            ));
-        }
-        let mut instances = Vec::with_capacity(raw.instances.len());
-        let mut names = HashSet::new();
-        for (i, inst) in raw.instances.into_iter().enumerate() {
-            let at = |f: &str| format!("instances[{i}].{f}");
-            let (endpoint, host) = normalize_endpoint(&inst.endpoint).map_err(|m| err(&at("endpoint"), m))?;
-            let api_key = match (inst.api_key, inst.api_key_env) {
-                (Some(k), None) => k,
-                (None, Some(var)) => env.var(&var).ok_or_else(|| {
-                    err(&at("api_key_env"), format!("environment variable {var} is not set; export it or use api_key"))
-                })?,
-                (Some(_), Some(_)) => return Err(err(&at("api_key"), "give api_key or api_key_env, not both".into())),
-                (None, None) => {
-                    return Err(err(
-                        &at("api_key"),
-                        "missing; give the instance key as api_key or name a variable in api_key_env".into(),
-                    ))
-                }
-            };
-            if api_key.trim().is_empty() || !is_header_value(&api_key) {
-                return Err(err(&at("api_key"), "empty or contains characters not allowed in an HTTP header".into()));
-            }
-            let name = inst.name.unwrap_or(host);
-            if name.is_empty() || !names.insert(name.clone()) {
-                return Err(err(
-                    &at("name"),
-                    format!("{name:?} is empty or used by another instance; give each instance a unique name"),
-                ));
-            }
-            let weight = inst.weight.unwrap_or(1);
-            if weight == 0 || weight > 1000 {
-                return Err(err(&at("weight"), format!("{weight} is out of range; use 1 to 1000")));
-            }
-            let deployments = inst.deployments.unwrap_or_default();
-            for (from, to) in &deployments {
-                if !is_path_segment(from) || !is_path_segment(to) {
-                    return Err(err(
-                        &at("deployments"),
-                        format!("{from:?} -> {to:?}: deployment names must be non-empty and contain only letters, digits, '-', '_' and '.'"),
-                    ));
-                }
-            }
-            if let Some(v) = &inst.api_version {
-                if !is_path_segment(v) {
-                    return Err(err(&at("api_version"), format!("{v:?} is not an api-version such as 2024-06-01")));
-                }
-            }
-            let opt_ms = |v: Option<u64>, f: &str| match v {
-                Some(0) => Err(err(&at(f), "must be greater than 0".into())),
-                v => Ok(v.map(Duration::from_millis)),
-            };
-            instances.push(Instance {
-                name,
-                endpoint,
-                api_key: Secret::new(api_key),
-                priority: inst.priority.unwrap_or(0),
-                weight,
-                deployments,
-                deployments_only: inst.deployments_only.unwrap_or(false),
-                api_version: inst.api_version,
-                connect_timeout: opt_ms(inst.connect_timeout_ms, "connect_timeout_ms")?,
-                upstream_response_timeout: opt_ms(inst.upstream_response_timeout_ms, "upstream_response_timeout_ms")?,
-                upstream_read_timeout: opt_ms(inst.upstream_read_timeout_ms, "upstream_read_timeout_ms")?,
-            });
-        }
-
-        let mut tier_weights: BTreeMap<u32, u32> = BTreeMap::new();
-        for inst in &instances {
-            *tier_weights.entry(inst.priority).or_default() += inst.weight;
-        }
-        if let Some((tier, sum)) = tier_weights.iter().find(|(_, w)| **w > MAX_TIER_WEIGHT) {
-            return Err(err(
-                "instances[].weight",
-                format!(
-                    "weights in priority tier {tier} add up to {sum}; keep each tier at or under {MAX_TIER_WEIGHT}"
-                ),
-            ));
-        }
-        let routing = Routing {
-            max_attempts: match raw.max_attempts {
-                Some(0) => return Err(err("max_attempts", "must be greater than 0".into())),
-                Some(n) => n.min(instances.len()),
-                None => instances.len(),
-            },
-            attempt_deadline: raw.attempt_deadline_ms.filter(|ms| *ms > 0).map(Duration::from_millis),
-            default_cooldown: Duration::from_millis(raw.cooldown_ms.unwrap_or(DEFAULT_COOLDOWN_MS)),
-            max_cooldown: Duration::from_millis(raw.max_cooldown_ms.unwrap_or(DEFAULT_MAX_COOLDOWN_MS)),
-            circuit_failures: raw.circuit_failures.unwrap_or(DEFAULT_CIRCUIT_FAILURES),
-            circuit_open: Duration::from_millis(raw.circuit_open_ms.unwrap_or(DEFAULT_CIRCUIT_OPEN_MS).max(1)),
-            circuit_max_open: Duration::from_millis(
-                raw.circuit_max_open_ms.unwrap_or(DEFAULT_CIRCUIT_MAX_OPEN_MS).max(1),
-            ),
-        };
-
-        let admin_endpoints =
-            raw.admin_endpoints.unwrap_or_else(|| ADMIN_ENDPOINTS.iter().map(|e| e.to_string()).collect());
-        if let Some(bad) = admin_endpoints.iter().find(|e| !ADMIN_ENDPOINTS.contains(&e.as_str())) {
-            return Err(err("admin_endpoints", format!("{bad:?} is not one of {ADMIN_ENDPOINTS:?}")));
-        }
-        let admin_listen = match raw.admin_listen {
-            None => None,
-            Some(a) => Some(a.parse::<SocketAddr>().map_err(|_| err("admin_listen", format!("{a:?} is not IP:PORT")))?),
-        };
-        let upstream_roots = match &raw.ca_bundle {
-            None => None,
-            Some(path) => Some(load_roots(path, env).map_err(|m| err("ca_bundle", m))?),
-        };
-        let egress_proxy = match raw.egress_proxy.as_deref().map(str::trim) {
-            None | Some("") | Some("none") => EgressProxy::Direct,
-            Some("env") => EgressProxy::FromEnvironment,
-            Some(url) => {
-                ureq::Proxy::new(url).map_err(|e| {
-                    err("egress_proxy", format!("{e}; use http://host:port (or \"env\" for HTTPS_PROXY/ALL_PROXY)"))
-                })?;
-                EgressProxy::Url(Secret::new(url))
-            }
-        };
-        let client_tls = match (&raw.tls_cert, &raw.tls_key) {
-            (None, None) => None,
-            (Some(cert), Some(key)) => Some(Arc::new(server_config(cert, key).map_err(|m| err("tls_cert", m))?)),
-            _ => return Err(err("tls_cert", "give both tls_cert and tls_key (PEM files), or neither".into())),
-        };
-        let mut trusted_proxies = Vec::new();
-        for (i, text) in raw.trusted_proxies.unwrap_or_default().iter().enumerate() {
-            trusted_proxies.push(Cidr::parse(text).map_err(|m| err(&format!("trusted_proxies[{i}]"), m))?);
-        }
-
-        let header_name = header_field(raw.header_name, "header_name").map_err(|m| err("header_name", m))?;
-        let client_header_name =
-            header_field(raw.client_header_name, "client_header_name").map_err(|m| err("client_header_name", m))?;
-        let mut client_keys = Vec::new();
-        for (i, k) in raw.client_keys.unwrap_or_default().into_iter().enumerate() {
-            if k.is_empty() {
-                return Err(err(&format!("client_keys[{i}]"), "empty key; remove it".into()));
-            }
-            client_keys.push(Secret::new(k));
-        }
-
-        let env_num = |name: &str| -> Result<Option<u64>, ConfigError> {
-            match env.var(name) {
-                None => Ok(None),
-                Some(v) => v.trim().parse::<u64>().map(Some).map_err(|_| ConfigError {
-                    message: format!("environment variable {name}={v:?} is not a whole number"),
-                }),
-            }
-        };
-
-        let listen_text = overrides
-            .listen
-            .clone()
-            .or_else(|| env.var("AZURE_PROXY_LISTEN"))
-            .or(raw.listen)
-            .unwrap_or_else(|| DEFAULT_LISTEN.to_string());
-        let listen: SocketAddr = listen_text.parse().map_err(|_| ConfigError {
-            message: format!("listen address {listen_text:?} is not IP:PORT (e.g. 0.0.0.0:8000 or [::1]:8000)"),
+                "missing: the proxy needs at least one instance",
+                format!("add \"instances\": [{INSTANCE_EXAMPLE}]"),
+            )
         })?;
-        let workers = match overrides.workers {
-            Some(w) => w,
-            None => match env_num("AZURE_PROXY_WORKERS")? {
-                Some(w) => w as usize,
-                None => raw.workers.unwrap_or(DEFAULT_WORKERS),
-            },
-        };
+        Ok(FileConfig {
+            instances: instances.into_iter().map(FileInstance::read).collect::<Result<_, _>>()?,
+            header_name: o.string("header_name")?,
+            client_header_name: o.string("client_header_name")?,
+            client_keys: o.secrets("client_keys")?,
+            listen: o.string("listen")?,
+            workers: o.number("workers")?,
+            queue_size: o.number("queue_size")?,
+            max_connections: o.number("max_connections")?,
+            max_head_bytes: o.number("max_head_bytes")?,
+            max_headers: o.number("max_headers")?,
+            max_body_bytes: o.number("max_body_bytes")?,
+            head_timeout_ms: o.number("head_timeout_ms")?,
+            idle_timeout_ms: o.number("idle_timeout_ms")?,
+            body_read_timeout_ms: o.number("body_read_timeout_ms")?,
+            client_write_timeout_ms: o.number("client_write_timeout_ms")?,
+            keepalive_linger_ms: o.number("keepalive_linger_ms")?,
+            connect_timeout_ms: o.number("connect_timeout_ms")?,
+            upstream_response_timeout_ms: o.number("upstream_response_timeout_ms")?,
+            upstream_read_timeout_ms: o.number("upstream_read_timeout_ms")?,
+            error_body_max_bytes: o.number("error_body_max_bytes")?,
+            max_bad_keys: o.number("max_bad_keys")?,
+            block_seconds: o.number("block_seconds")?,
+            max_tracked_clients: o.number("max_tracked_clients")?,
+            trusted_proxies: o.strings("trusted_proxies")?,
+            drain_seconds: o.number("drain_seconds")?,
+            admin_endpoints: o.strings("admin_endpoints")?,
+            admin_listen: o.string("admin_listen")?,
+            ca_bundle: o.string("ca_bundle")?.map(PathBuf::from),
+            egress_proxy: o.secret("egress_proxy")?,
+            tls_cert: o.string("tls_cert")?.map(PathBuf::from),
+            tls_key: o.string("tls_key")?.map(PathBuf::from),
+            max_attempts: o.number("max_attempts")?,
+            attempt_deadline_ms: o.number("attempt_deadline_ms")?,
+            cooldown_ms: o.number("cooldown_ms")?,
+            max_cooldown_ms: o.number("max_cooldown_ms")?,
+            circuit_failures: o.number("circuit_failures")?,
+            circuit_open_ms: o.number("circuit_open_ms")?,
+            circuit_max_open_ms: o.number("circuit_max_open_ms")?,
+        })
+    }
+}
 
-        let ms = |v: Option<u64>, default: u64, field: &str| -> Result<Duration, ConfigError> {
-            match v.unwrap_or(default) {
-                0 => Err(err(field, "must be greater than 0".into())),
-                n => Ok(Duration::from_millis(n)),
-            }
-        };
-        let positive = |v: usize, field: &str| -> Result<usize, ConfigError> {
-            if v == 0 {
-                Err(err(field, "must be greater than 0".into()))
-            } else {
-                Ok(v)
-            }
-        };
+impl FileInstance {
+    fn read(mut o: Object<'_>) -> Result<FileInstance, ConfigError> {
+        let endpoint = o.string("endpoint")?;
+        let endpoint = endpoint.ok_or_else(|| {
+            o.error(
+                "endpoint",
+                "missing",
+                "add the resource URL, e.g. \"endpoint\": \"https://eastus-xyz.openai.azure.com\"",
+            )
+        })?;
+        Ok(FileInstance {
+            endpoint,
+            api_key: o.secret("api_key")?,
+            api_key_env: o.string("api_key_env")?,
+            name: o.string("name")?,
+            priority: o.number("priority")?,
+            weight: o.number("weight")?,
+            deployments: o.string_map("deployments")?,
+            deployments_only: o.boolean("deployments_only")?,
+            api_version: o.string("api_version")?,
+            connect_timeout_ms: o.number("connect_timeout_ms")?,
+            upstream_response_timeout_ms: o.number("upstream_response_timeout_ms")?,
+            upstream_read_timeout_ms: o.number("upstream_read_timeout_ms")?,
+        })
+    }
+}
 
-        let config = Config {
+impl Config {
+    /// Parses and validates `text` as if it were the file at `path` (used in messages only), then applies the
+    /// environment and the flags.
+    pub fn from_json(text: &str, path: &Path, overrides: &Overrides, env: &dyn Env) -> Result<Config, ConfigError> {
+        let raw = FileConfig::read(text, path)?;
+        let check = Check { file: path };
+        let instances = check.instances(&raw.instances, env)?;
+        let routing = check.routing(&raw, instances.len())?;
+        let set = overlay::apply(&raw, path, overrides, env)?;
+        let (header_name, client_header_name, client_keys) = check.client_side(&raw)?;
+        let positive = |v: Option<usize>, default: usize, field: &str| check.positive(v.unwrap_or(default), field);
+        let ms = |v: Option<u64>, default: u64, field: &str| check.ms(v.unwrap_or(default), field);
+        Ok(Config {
             instances,
             header_name,
             client_header_name,
             client_keys,
-            listen,
-            workers: positive(workers, "workers")?,
-            queue_size: positive(raw.queue_size.unwrap_or(DEFAULT_QUEUE_SIZE), "queue_size")?,
-            max_connections: positive(raw.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS), "max_connections")?,
-            max_head_bytes: positive(raw.max_head_bytes.unwrap_or(DEFAULT_MAX_HEAD_BYTES), "max_head_bytes")?,
-            max_headers: positive(raw.max_headers.unwrap_or(DEFAULT_MAX_HEADERS), "max_headers")?,
+            listen: set.listen,
+            workers: set.workers,
+            queue_size: positive(raw.queue_size, DEFAULT_QUEUE_SIZE, "queue_size")?,
+            max_connections: positive(raw.max_connections, DEFAULT_MAX_CONNECTIONS, "max_connections")?,
+            max_head_bytes: positive(raw.max_head_bytes, DEFAULT_MAX_HEAD_BYTES, "max_head_bytes")?,
+            max_headers: positive(raw.max_headers, DEFAULT_MAX_HEADERS, "max_headers")?,
             max_body_bytes: raw.max_body_bytes.unwrap_or(DEFAULT_MAX_BODY_BYTES),
             head_timeout: ms(raw.head_timeout_ms, DEFAULT_HEAD_TIMEOUT_MS, "head_timeout_ms")?,
             idle_timeout: ms(raw.idle_timeout_ms, DEFAULT_IDLE_TIMEOUT_MS, "idle_timeout_ms")?,
@@ -297,41 +253,298 @@ impl Config {
                 DEFAULT_UPSTREAM_READ_TIMEOUT_MS,
                 "upstream_read_timeout_ms",
             )?,
-            error_body_max_bytes: match env_num("ERROR_BODY_MAX_BYTES")? {
-                Some(n) => n as usize,
-                None => raw.error_body_max_bytes.unwrap_or(DEFAULT_ERROR_BODY_MAX_BYTES),
-            },
-            max_bad_keys: match env_num("MAX_BAD_KEYS")? {
-                Some(n) => u32::try_from(n).unwrap_or(u32::MAX),
-                None => raw.max_bad_keys.unwrap_or(DEFAULT_MAX_BAD_KEYS),
-            },
-            block_duration: Duration::from_secs(match env_num("BLOCK_SECONDS")? {
-                Some(n) => n,
-                None => raw.block_seconds.unwrap_or(DEFAULT_BLOCK_SECONDS),
-            }),
-            max_tracked_clients: positive(
-                raw.max_tracked_clients.unwrap_or(DEFAULT_MAX_TRACKED_CLIENTS),
-                "max_tracked_clients",
-            )?,
-            trusted_proxies,
+            error_body_max_bytes: set.error_body_max_bytes,
+            max_bad_keys: set.max_bad_keys,
+            block_duration: set.block_duration,
+            max_tracked_clients: positive(raw.max_tracked_clients, DEFAULT_MAX_TRACKED_CLIENTS, "max_tracked_clients")?,
+            trusted_proxies: check.trusted_proxies(&raw)?,
             drain: Duration::from_secs(raw.drain_seconds.unwrap_or(DEFAULT_DRAIN_SECONDS)),
-            admin_endpoints,
-            admin_listen,
-            upstream_roots,
-            egress_proxy,
-            client_tls,
-            access_log_json: match env.var("LOG_FORMAT").as_deref().map(str::trim) {
-                None | Some("") | Some("text") => false,
-                Some("json") => true,
-                Some(other) => {
-                    return Err(ConfigError {
-                        message: format!("environment variable LOG_FORMAT={other:?}: use text or json"),
-                    })
-                }
-            },
+            admin_endpoints: check.admin_endpoints(&raw)?,
+            admin_listen: check.admin_listen(&raw)?,
+            upstream_roots: check.ca_bundle(&raw, env)?,
+            egress_proxy: check.egress_proxy(&raw)?,
+            client_tls: check.client_tls(&raw)?,
+            access_log_json: set.access_log_json,
+            log_level: set.log_level,
             routing,
+        })
+    }
+}
+
+/// The checks of the file's fields, by concern; each error names the file and the field.
+struct Check<'a> {
+    file: &'a Path,
+}
+
+impl Check<'_> {
+    fn error(&self, field: &str, problem: impl fmt::Display, fix: impl fmt::Display) -> ConfigError {
+        ConfigError::in_file(self.file, field, problem, fix)
+    }
+
+    fn positive(&self, v: usize, field: &str) -> Result<usize, ConfigError> {
+        match v {
+            0 => Err(self.error(
+                field,
+                "must be greater than 0",
+                "use a whole number of 1 or more, or remove it for the default",
+            )),
+            v => Ok(v),
+        }
+    }
+
+    fn ms(&self, v: u64, field: &str) -> Result<Duration, ConfigError> {
+        match v {
+            0 => Err(self.error(
+                field,
+                "must be greater than 0",
+                "use a number of milliseconds of 1 or more, or remove it for the default",
+            )),
+            n => Ok(Duration::from_millis(n)),
+        }
+    }
+
+    fn instances(&self, raw: &[FileInstance], env: &dyn Env) -> Result<Vec<Instance>, ConfigError> {
+        if raw.is_empty() {
+            return Err(self.error(
+                "instances",
+                "the list is empty",
+                format!("add at least one instance, e.g. {INSTANCE_EXAMPLE}"),
+            ));
+        }
+        let mut instances = Vec::with_capacity(raw.len());
+        let mut names = HashMap::new();
+        for (i, inst) in raw.iter().enumerate() {
+            let instance = self.instance(i, inst, env)?;
+            if let Some(first) = names.insert(instance.name.clone(), i) {
+                return Err(self.error(
+                    &format!("instances[{i}].name"),
+                    format!("{:?} is already the name of instances[{first}]", instance.name),
+                    "give each instance a unique name (by default it is the endpoint's host)",
+                ));
+            }
+            instances.push(instance);
+        }
+        let mut tier_weights: BTreeMap<u32, u32> = BTreeMap::new();
+        for inst in &instances {
+            *tier_weights.entry(inst.priority).or_default() += inst.weight;
+        }
+        if let Some((tier, sum)) = tier_weights.iter().find(|(_, w)| **w > MAX_TIER_WEIGHT) {
+            return Err(self.error(
+                "instances[].weight",
+                format!("the weights in priority tier {tier} add up to {sum}, more than {MAX_TIER_WEIGHT}"),
+                format!("lower the weights of that tier's instances to {MAX_TIER_WEIGHT} in all"),
+            ));
+        }
+        Ok(instances)
+    }
+
+    fn instance(&self, i: usize, inst: &FileInstance, env: &dyn Env) -> Result<Instance, ConfigError> {
+        let at = |f: &str| format!("instances[{i}].{f}");
+        let (endpoint, host) =
+            normalize_endpoint(&inst.endpoint).map_err(|(problem, fix)| self.error(&at("endpoint"), problem, fix))?;
+        let api_key = self.api_key(i, inst, env)?;
+        let name = inst.name.clone().unwrap_or(host);
+        if name.is_empty() {
+            return Err(self.error(
+                &at("name"),
+                "is empty",
+                "give a name, or remove the field to use the endpoint's host",
+            ));
+        }
+        let weight = inst.weight.unwrap_or(1);
+        if weight == 0 || weight > 1000 {
+            return Err(self.error(&at("weight"), format!("{weight} is out of range"), "use 1 to 1000"));
+        }
+        let deployments = inst.deployments.clone().unwrap_or_default();
+        for (from, to) in &deployments {
+            if !is_path_segment(from) || !is_path_segment(to) {
+                return Err(self.error(
+                    &at("deployments"),
+                    format!("{from:?} -> {to:?} is not a pair of deployment names"),
+                    "use non-empty names of letters, digits, '-', '_' and '.' only",
+                ));
+            }
+        }
+        if let Some(v) = &inst.api_version {
+            if !is_path_segment(v) {
+                return Err(self.error(
+                    &at("api_version"),
+                    format!("{v:?} is not an api-version"),
+                    "use e.g. 2024-06-01",
+                ));
+            }
+        }
+        let opt_ms = |v: Option<u64>, f: &str| v.map(|v| self.ms(v, &at(f))).transpose();
+        Ok(Instance {
+            name,
+            endpoint,
+            api_key: Secret::new(api_key),
+            priority: inst.priority.unwrap_or(0),
+            weight,
+            deployments,
+            deployments_only: inst.deployments_only.unwrap_or(false),
+            api_version: inst.api_version.clone(),
+            connect_timeout: opt_ms(inst.connect_timeout_ms, "connect_timeout_ms")?,
+            upstream_response_timeout: opt_ms(inst.upstream_response_timeout_ms, "upstream_response_timeout_ms")?,
+            upstream_read_timeout: opt_ms(inst.upstream_read_timeout_ms, "upstream_read_timeout_ms")?,
+        })
+    }
+
+    /// The instance key from `api_key` or from the variable `api_key_env` names. Neither error shows the key.
+    fn api_key(&self, i: usize, inst: &FileInstance, env: &dyn Env) -> Result<String, ConfigError> {
+        let at = |f: &str| format!("instances[{i}].{f}");
+        let bad = "is empty or holds characters not allowed in an HTTP header (control characters, non-ASCII)";
+        match (&inst.api_key, &inst.api_key_env) {
+            (Some(key), None) if key.trim().is_empty() || !is_header_value(key) => {
+                Err(self.error(&at("api_key"), bad, "paste the key exactly as the Azure portal shows it"))
+            }
+            (Some(key), None) => Ok(key.clone()),
+            (None, Some(var)) if var.trim().is_empty() => Err(self.error(
+                &at("api_key_env"),
+                "is empty",
+                "name the environment variable that holds the key, e.g. \"EASTUS_API_KEY\"",
+            )),
+            (None, Some(var)) => match env.var(var) {
+                None => Err(self.error(
+                    &at("api_key_env"),
+                    format!("environment variable {var} is not set"),
+                    format!("export {var} with the instance key, or give the key as api_key"),
+                )),
+                Some(key) if key.trim().is_empty() || !is_header_value(&key) => Err(ConfigError::in_env(
+                    &format!("{var} (named by {} in config file {})", at("api_key_env"), self.file.display()),
+                    bad,
+                    format!("set {var} to the key exactly as the Azure portal shows it"),
+                )),
+                Some(key) => Ok(key),
+            },
+            (Some(_), Some(_)) => {
+                Err(self.error(&at("api_key"), "both api_key and api_key_env are given", "keep only one of them"))
+            }
+            (None, None) => Err(self.error(
+                &at("api_key"),
+                "missing",
+                "give the instance key as api_key, or name an environment variable holding it in api_key_env",
+            )),
+        }
+    }
+
+    fn routing(&self, raw: &FileConfig, instances: usize) -> Result<Routing, ConfigError> {
+        Ok(Routing {
+            max_attempts: match raw.max_attempts {
+                Some(0) => {
+                    return Err(self.error(
+                        "max_attempts",
+                        "must be greater than 0",
+                        "use 1 or more, or remove it to try every instance",
+                    ))
+                }
+                Some(n) => n.min(instances),
+                None => instances,
+            },
+            attempt_deadline: raw.attempt_deadline_ms.filter(|ms| *ms > 0).map(Duration::from_millis),
+            default_cooldown: Duration::from_millis(raw.cooldown_ms.unwrap_or(DEFAULT_COOLDOWN_MS)),
+            max_cooldown: Duration::from_millis(raw.max_cooldown_ms.unwrap_or(DEFAULT_MAX_COOLDOWN_MS)),
+            circuit_failures: raw.circuit_failures.unwrap_or(DEFAULT_CIRCUIT_FAILURES),
+            circuit_open: Duration::from_millis(raw.circuit_open_ms.unwrap_or(DEFAULT_CIRCUIT_OPEN_MS).max(1)),
+            circuit_max_open: Duration::from_millis(
+                raw.circuit_max_open_ms.unwrap_or(DEFAULT_CIRCUIT_MAX_OPEN_MS).max(1),
+            ),
+        })
+    }
+
+    /// The header names and the client allowlist. An error about a client key never shows the key.
+    fn client_side(&self, raw: &FileConfig) -> Result<(String, String, Vec<Secret>), ConfigError> {
+        let header = |v: &Option<String>, field: &str| {
+            header_name(v).map_err(|problem| self.error(field, problem, "use a header name such as \"api-key\""))
         };
-        Ok(config)
+        let key_header = header(&raw.header_name, "header_name")?;
+        let client_header = header(&raw.client_header_name, "client_header_name")?;
+        let mut client_keys = Vec::new();
+        for (i, k) in raw.client_keys.iter().flatten().enumerate() {
+            if k.is_empty() {
+                return Err(self.error(&format!("client_keys[{i}]"), "is an empty key", "remove it"));
+            }
+            client_keys.push(Secret::new(k.clone()));
+        }
+        Ok((key_header, client_header, client_keys))
+    }
+
+    fn trusted_proxies(&self, raw: &FileConfig) -> Result<Vec<Cidr>, ConfigError> {
+        let fix = "use an address such as 10.0.0.5 or a block such as 10.0.0.0/8";
+        let texts = raw.trusted_proxies.iter().flatten().enumerate();
+        texts
+            .map(|(i, text)| Cidr::parse(text).map_err(|m| self.error(&format!("trusted_proxies[{i}]"), m, fix)))
+            .collect()
+    }
+
+    fn admin_endpoints(&self, raw: &FileConfig) -> Result<Vec<String>, ConfigError> {
+        let endpoints = raw.admin_endpoints.clone().unwrap_or_else(|| ADMIN_ENDPOINTS.map(String::from).to_vec());
+        match endpoints.iter().position(|e| !ADMIN_ENDPOINTS.contains(&e.as_str())) {
+            Some(i) => Err(self.error(
+                &format!("admin_endpoints[{i}]"),
+                format!("{:?} is not an admin endpoint", endpoints[i]),
+                format!("use some of {}", ADMIN_ENDPOINTS.join(", ")),
+            )),
+            None => Ok(endpoints),
+        }
+    }
+
+    fn admin_listen(&self, raw: &FileConfig) -> Result<Option<SocketAddr>, ConfigError> {
+        raw.admin_listen
+            .as_ref()
+            .map(|a| {
+                a.parse::<SocketAddr>().map_err(|_| {
+                    self.error("admin_listen", format!("{a:?} is not an IP:PORT address"), "use e.g. 127.0.0.1:9090")
+                })
+            })
+            .transpose()
+    }
+
+    fn ca_bundle(
+        &self,
+        raw: &FileConfig,
+        env: &dyn Env,
+    ) -> Result<Option<Vec<ureq::tls::Certificate<'static>>>, ConfigError> {
+        let fix = "point ca_bundle at a readable PEM file of CA certificates";
+        raw.ca_bundle
+            .as_ref()
+            .map(|path| load_roots(path, env).map_err(|m| self.error("ca_bundle", m, fix)))
+            .transpose()
+    }
+
+    /// Never shows the URL: it may carry credentials.
+    fn egress_proxy(&self, raw: &FileConfig) -> Result<EgressProxy, ConfigError> {
+        Ok(match raw.egress_proxy.as_deref().map(str::trim) {
+            None | Some("") | Some("none") => EgressProxy::Direct,
+            Some("env") => EgressProxy::FromEnvironment,
+            Some(url) => {
+                ureq::Proxy::new(url).map_err(|e| {
+                    self.error("egress_proxy", e, "use http://host:port (or \"env\" for HTTPS_PROXY/ALL_PROXY)")
+                })?;
+                EgressProxy::Url(Secret::new(url))
+            }
+        })
+    }
+
+    fn client_tls(&self, raw: &FileConfig) -> Result<Option<Arc<rustls::ServerConfig>>, ConfigError> {
+        let fix = "give tls_cert a PEM certificate chain and tls_key its PEM private key";
+        match (&raw.tls_cert, &raw.tls_key) {
+            (None, None) => Ok(None),
+            (Some(cert), Some(key)) => match server_config(cert, key) {
+                Ok(c) => Ok(Some(Arc::new(c))),
+                Err((field, problem)) => Err(self.error(field, problem, fix)),
+            },
+            (Some(_), None) => Err(self.error(
+                "tls_cert",
+                "is given without tls_key",
+                "give both tls_cert and tls_key (PEM files), or neither",
+            )),
+            (None, Some(_)) => Err(self.error(
+                "tls_key",
+                "is given without tls_cert",
+                "give both tls_cert and tls_key (PEM files), or neither",
+            )),
+        }
     }
 }
 
@@ -363,32 +576,32 @@ fn pem_certificates(pem: &[u8]) -> Vec<ureq::tls::Certificate<'static>> {
 /// `https://host[:port][/]` → (`https://host[:port]`, `host[:port]`), the second being the default instance name
 /// (just the host for Azure endpoints, which have no port). A path, query or user-info would be silently
 /// combined with the client's path, so they are refused rather than guessed at.
-fn normalize_endpoint(raw: &str) -> Result<(String, String), String> {
+fn normalize_endpoint(raw: &str) -> Result<(String, String), (String, &'static str)> {
     let trimmed = raw.trim().trim_end_matches('/');
+    let fix = "write only the resource URL, e.g. https://eastus-xyz.openai.azure.com";
     let rest = trimmed
         .strip_prefix("https://")
         .or_else(|| trimmed.strip_prefix("http://"))
-        .ok_or_else(|| format!("{raw:?} must start with https:// (or http:// for local testing)"))?;
-    let fix = "write only the resource URL, e.g. https://eastus-xyz.openai.azure.com";
+        .ok_or_else(|| (format!("{raw:?} does not start with https:// (or http:// for local testing)"), fix))?;
     if rest.is_empty() || rest.contains(['/', '?', '#', '@', ' ']) {
-        return Err(format!("{raw:?} is not a bare scheme://host[:port]; {fix}"));
+        return Err((format!("{raw:?} is not a bare scheme://host[:port]"), fix));
     }
     let host = match rest.strip_prefix('[') {
         Some(v6) => v6.split(']').next().unwrap_or_default().to_string(),
         None => rest.split(':').next().unwrap_or_default().to_string(),
     };
     if host.is_empty() {
-        return Err(format!("{raw:?} has no host; {fix}"));
+        return Err((format!("{raw:?} has no host"), fix));
     }
     let authority = rest.to_string();
-    trimmed.parse::<ureq::http::Uri>().map_err(|e| format!("{raw:?} is not a valid URL ({e}); {fix}"))?;
+    trimmed.parse::<ureq::http::Uri>().map_err(|e| (format!("{raw:?} is not a valid URL ({e})"), fix))?;
     Ok((trimmed.to_string(), authority))
 }
 
-fn header_field(value: Option<String>, field: &str) -> Result<String, String> {
-    let name = value.unwrap_or_else(|| DEFAULT_HEADER_NAME.to_string()).to_ascii_lowercase();
+fn header_name(value: &Option<String>) -> Result<String, String> {
+    let name = value.as_deref().unwrap_or(DEFAULT_HEADER_NAME).to_ascii_lowercase();
     if name.is_empty() || !name.bytes().all(is_token_byte) {
-        return Err(format!("{name:?} is not a valid HTTP header name (set {field} to e.g. \"api-key\")"));
+        return Err(format!("{name:?} is not a valid HTTP header name"));
     }
     Ok(name)
 }

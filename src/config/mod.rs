@@ -8,13 +8,17 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use crate::client_ip::Cidr;
 
+#[cfg(test)]
+mod error_tests;
 mod file;
+mod json;
+mod overlay;
 
 pub const DEFAULT_CONFIG_PATH: &str = "azure_instances.json";
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:8000";
@@ -180,23 +184,53 @@ pub struct Config {
     pub client_tls: Option<Arc<rustls::ServerConfig>>,
     /// `LOG_FORMAT=json`: access lines as JSON objects.
     pub access_log_json: bool,
+    /// `RUST_LOG`: one level name for the whole proxy (ureq and rustls stay at warn at most).
+    pub log_level: log::LevelFilter,
     /// On SIGTERM/SIGINT: stop accepting, finish requests in flight for at most this long, exit 0.
     pub drain: Duration,
     pub routing: Routing,
 }
 
-/// Settings from the command line; `None` means "not given".
+/// Settings from the command line as typed; `None` means "not given". They are checked with the rest of the
+/// configuration, so that an error names the flag.
 #[derive(Debug, Default, Clone)]
 pub struct Overrides {
     pub config_path: Option<PathBuf>,
     pub listen: Option<String>,
-    pub workers: Option<usize>,
+    pub workers: Option<String>,
 }
 
-/// A configuration problem, phrased so that the user can fix it: which file, which field, what to do.
+/// A configuration problem, phrased so that the user can fix it: where the value came from (the file and the
+/// field, the environment variable or the flag), what is wrong, and the fix:
+/// `config file a.json, field instances[1].weight: 0 is out of range; fix: use 1 to 1000`.
+/// Never carries a key: the constructors' callers never format one.
 #[derive(Debug)]
 pub struct ConfigError {
     pub message: String,
+}
+
+impl ConfigError {
+    /// A problem with `field` of the config file at `file` (`""`: the file as a whole).
+    pub fn in_file(file: &Path, field: &str, problem: impl fmt::Display, fix: impl fmt::Display) -> ConfigError {
+        match field {
+            "" => ConfigError::new(format_args!("config file {}", file.display()), problem, fix),
+            f => ConfigError::new(format_args!("config file {}, field {f}", file.display()), problem, fix),
+        }
+    }
+
+    /// A problem with the value of an environment variable.
+    pub fn in_env(var: &str, problem: impl fmt::Display, fix: impl fmt::Display) -> ConfigError {
+        ConfigError::new(format_args!("environment variable {var}"), problem, fix)
+    }
+
+    /// A problem with the value of a command-line flag.
+    pub fn in_flag(flag: &str, problem: impl fmt::Display, fix: impl fmt::Display) -> ConfigError {
+        ConfigError::new(format_args!("flag {flag}"), problem, fix)
+    }
+
+    fn new(origin: impl fmt::Display, problem: impl fmt::Display, fix: impl fmt::Display) -> ConfigError {
+        ConfigError { message: format!("{origin}: {problem}; fix: {fix}") }
+    }
 }
 
 impl fmt::Display for ConfigError {
@@ -224,19 +258,28 @@ impl Config {
     /// Loads the file named by `--config`, else `AZURE_PROXY_CONFIG`, else `azure_instances.json`, then applies the
     /// environment and the flags.
     pub fn load(overrides: &Overrides, env: &dyn Env) -> Result<Config, ConfigError> {
-        let path = overrides
-            .config_path
-            .clone()
-            .or_else(|| env.var("AZURE_PROXY_CONFIG").map(PathBuf::from))
-            .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG_PATH));
-        let text = std::fs::read_to_string(&path).map_err(|e| ConfigError {
-            message: format!(
-                "cannot read config file {}: {e} (set AZURE_PROXY_CONFIG or --config to the JSON file; \
-                 see azure_instances.example.json)",
-                path.display()
-            ),
+        let (path, from) = match (&overrides.config_path, env.var("AZURE_PROXY_CONFIG")) {
+            (Some(p), _) => (p.clone(), "from --config"),
+            (None, Some(p)) => (PathBuf::from(p), "from AZURE_PROXY_CONFIG"),
+            (None, None) => (PathBuf::from(DEFAULT_CONFIG_PATH), "the default path"),
+        };
+        let text = read_file(&path).map_err(|problem| {
+            let fix = "point --config or AZURE_PROXY_CONFIG at the JSON config file \
+                       (azure_instances.example.json shows the format)";
+            ConfigError::in_file(&path, "", format_args!("{problem} ({from})"), fix)
         })?;
         Config::from_json(&text, &path, overrides, env)
+    }
+
+    /// The warning that a configuration without `client_keys` deserves, logged at start and by `--check-config`.
+    pub fn open_access_warning(&self) -> Option<String> {
+        self.client_keys.is_empty().then(|| {
+            format!(
+                "NO CLIENT KEY ALLOWLIST: any non-empty key in header {} is accepted. \
+                 Set client_keys in the config file to restrict access.",
+                self.client_header_name
+            )
+        })
     }
 
     /// Every secret the proxy holds, for scrubbing text that came from outside before it is logged.
@@ -245,6 +288,18 @@ impl Config {
         let clients = self.client_keys.iter().map(|k| k.expose().to_string());
         upstream.chain(clients).collect()
     }
+}
+
+/// The config file's text, or what keeps it from being read, in words.
+fn read_file(path: &Path) -> Result<String, String> {
+    if path.is_dir() {
+        return Err("is a directory, not a file".to_string());
+    }
+    std::fs::read_to_string(path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => "does not exist".to_string(),
+        std::io::ErrorKind::InvalidData => "is not UTF-8 text".to_string(),
+        _ => format!("cannot be read: {e}"),
+    })
 }
 
 /// How upstream connections leave the host.

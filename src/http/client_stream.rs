@@ -78,23 +78,29 @@ impl Write for ClientStream {
     }
 }
 
-/// Loads the listener's certificate chain and key (PEM) into a rustls server configuration.
-pub fn server_config(cert_path: &std::path::Path, key_path: &std::path::Path) -> Result<rustls::ServerConfig, String> {
+/// Loads the listener's certificate chain and key (PEM) into a rustls server configuration. An error names the
+/// config field to fix (`tls_cert` or `tls_key`) and what is wrong with it.
+pub fn server_config(
+    cert_path: &std::path::Path,
+    key_path: &std::path::Path,
+) -> Result<rustls::ServerConfig, (&'static str, String)> {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let cert_error = |e: String| ("tls_cert", e);
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert_path)
-        .map_err(|e| format!("cannot read tls_cert {}: {e}", cert_path.display()))?
+        .map_err(|e| cert_error(format!("cannot read {}: {e}", cert_path.display())))?
         .collect::<Result<_, _>>()
-        .map_err(|e| format!("tls_cert {}: {e}", cert_path.display()))?;
+        .map_err(|e| cert_error(format!("{}: {e}", cert_path.display())))?;
     if certs.is_empty() {
-        return Err(format!("tls_cert {} holds no certificate", cert_path.display()));
+        return Err(cert_error(format!("{} holds no certificate", cert_path.display())));
     }
-    let key = PrivateKeyDer::from_pem_file(key_path).map_err(|e| format!("tls_key {}: {e}", key_path.display()))?;
+    let key =
+        PrivateKeyDer::from_pem_file(key_path).map_err(|e| ("tls_key", format!("{}: {e}", key_path.display())))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
+        .map_err(|e| cert_error(e.to_string()))?
         .with_no_client_auth()
         .with_single_cert(certs, key)
-        .map_err(|e| format!("tls_cert and tls_key do not go together: {e}"))
+        .map_err(|e| cert_error(format!("the certificate and tls_key do not go together: {e}")))
 }

@@ -1,0 +1,180 @@
+//! The loader's error texts, end to end through `Config::from_json` and `Config::load`: each must say where the
+//! value came from (the file and the field path, the environment variable or the flag), what is wrong and the
+//! fix, and none may show a key.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use super::*;
+
+struct MapEnv(HashMap<&'static str, &'static str>);
+
+impl Env for MapEnv {
+    fn var(&self, name: &str) -> Option<String> {
+        self.0.get(name).map(|v| v.to_string())
+    }
+}
+
+const TWO: &str = r#"{"instances": [{"endpoint": "https://a.example", "api_key": "key-AAA"},
+    {"endpoint": "https://b.example", "api_key": "key-BBB"}], "client_keys": ["client-CCC"]"#;
+
+/// The error for `TWO` plus `extra` top-level fields, with `env` and `flags`.
+fn error(extra: &str, env: &[(&'static str, &'static str)], flags: Overrides) -> String {
+    let text = format!("{TWO}{extra}}}");
+    let env = MapEnv(env.iter().cloned().collect());
+    match Config::from_json(&text, Path::new("conf/azure.json"), &flags, &env) {
+        Ok(_) => panic!("{extra} {:?} was accepted", env.0),
+        Err(e) => {
+            let m = e.message;
+            assert!(m.contains("; fix: "), "no fix: {m}");
+            for secret in ["key-AAA", "key-BBB", "client-CCC", "s3cret"] {
+                assert!(!m.contains(secret), "{secret} shown: {m}");
+            }
+            m
+        }
+    }
+}
+
+fn file_error(extra: &str) -> String {
+    error(extra, &[], Overrides::default())
+}
+
+#[test]
+fn wrong_json_types_name_the_field_path() {
+    let m = file_error(r#", "workers": "64""#);
+    assert!(m.starts_with("config file conf/azure.json, field workers: "), "{m}");
+    assert!(m.contains(r#"expected a whole number, got the string "64"; fix: remove the quotes: 64"#), "{m}");
+    let m = file_error(r#", "listen": 8000"#);
+    assert!(m.contains("field listen: expected a string, got the number 8000"), "{m}");
+    let m = file_error(r#", "trusted_proxies": "10.0.0.0/8""#);
+    assert!(m.contains("field trusted_proxies: expected a list") && m.contains("square brackets"), "{m}");
+}
+
+#[test]
+fn wrong_types_inside_instances_name_the_index() {
+    let text = r#"{"instances": [{"endpoint": "https://a.example", "api_key": "k"},
+        {"endpoint": "https://b.example", "api_key": "k", "weight": "2"}]}"#;
+    let e =
+        Config::from_json(text, Path::new("w.json"), &Overrides::default(), &MapEnv(HashMap::new())).expect_err("type");
+    assert!(e.message.contains("config file w.json, field instances[1].weight: expected a whole number"), "{e}");
+    let text = r#"{"instances": [{"endpoint": "https://a.example", "api_key": 12345678, "deployments_only": 1}]}"#;
+    let e =
+        Config::from_json(text, Path::new("w.json"), &Overrides::default(), &MapEnv(HashMap::new())).expect_err("type");
+    assert!(e.message.contains("field instances[0].api_key: expected a string, got a number"), "{e}");
+    assert!(!e.message.contains("12345678"), "a key-like value shown: {e}");
+    let text = r#"{"instances": ["https://a.example"]}"#;
+    let e =
+        Config::from_json(text, Path::new("w.json"), &Overrides::default(), &MapEnv(HashMap::new())).expect_err("type");
+    assert!(e.message.contains("field instances[0]: expected an object"), "{e}");
+}
+
+#[test]
+fn bad_values_in_the_file_name_the_field_and_the_fix() {
+    let m = file_error(r#", "listen": "8000""#);
+    assert!(m.contains("config file conf/azure.json, field listen: \"8000\" is not an IP:PORT address"), "{m}");
+    assert!(m.contains("0.0.0.0:8000"), "{m}");
+    let m = file_error(r#", "workers": 0"#);
+    assert!(m.contains("field workers: must be at least 1"), "{m}");
+    let m = file_error(r#", "admin_endpoints": ["healthz", "status"]"#);
+    assert!(m.contains("field admin_endpoints[1]: \"status\"") && m.contains("healthz, readyz, metrics"), "{m}");
+    let m = file_error(r#", "egress_proxy": "ftp://user:s3cret@proxy""#);
+    assert!(m.contains("field egress_proxy") && m.contains("http://host:port"), "{m}");
+}
+
+#[test]
+fn environment_overrides_are_blamed_on_the_variable() {
+    for (var, value) in [
+        ("AZURE_PROXY_WORKERS", "0"),
+        ("AZURE_PROXY_WORKERS", "many"),
+        ("AZURE_PROXY_LISTEN", "8000"),
+        ("ERROR_BODY_MAX_BYTES", "2k"),
+        ("MAX_BAD_KEYS", "-1"),
+        ("BLOCK_SECONDS", "1.5"),
+        ("LOG_FORMAT", "xml"),
+        ("RUST_LOG", "verbose"),
+    ] {
+        let m = error("", &[(var, value)], Overrides::default());
+        assert!(m.starts_with(&format!("environment variable {var}: ")), "{var}={value}: {m}");
+        assert!(m.contains(&format!("{value:?}")) || m.contains("got 0"), "{var}={value}: {m}");
+        assert!(!m.contains("azure.json"), "{var}={value} blamed on the file: {m}");
+    }
+}
+
+#[test]
+fn flags_are_blamed_on_the_flag() {
+    let cases = [
+        Overrides { listen: Some("8000".into()), ..Default::default() },
+        Overrides { workers: Some("0".into()), ..Default::default() },
+        Overrides { workers: Some("four".into()), ..Default::default() },
+    ];
+    for (flags, name) in cases.into_iter().zip(["--listen", "--workers", "--workers"]) {
+        // The flag wins over the environment, and so does the blame.
+        let m = error("", &[("AZURE_PROXY_LISTEN", "127.0.0.1:1"), ("AZURE_PROXY_WORKERS", "2")], flags);
+        assert!(m.starts_with(&format!("flag {name}: ")), "{m}");
+    }
+}
+
+#[test]
+fn the_value_of_an_api_key_env_variable_is_blamed_on_the_variable() {
+    let text = r#"{"instances": [{"endpoint": "https://a.example", "api_key_env": "EAST_KEY"}]}"#;
+    let env = MapEnv([("EAST_KEY", "s3cret\u{7}")].into());
+    let e = Config::from_json(text, Path::new("k.json"), &Overrides::default(), &env).expect_err("bad key");
+    assert!(e.message.starts_with("environment variable EAST_KEY (named by instances[0].api_key_env"), "{e}");
+    assert!(e.message.contains("k.json") && e.message.contains("fix: set EAST_KEY"), "{e}");
+    assert!(!e.message.contains("s3cret"), "{e}");
+}
+
+#[test]
+fn the_file_as_a_whole() {
+    let none = Overrides::default();
+    for (text, says) in [
+        ("", "the file is empty"),
+        ("{}", "field instances: missing"),
+        ("[]", "expected a JSON object {…} at the top level, got a list"),
+        ("{\"instances\": [", "the JSON ends too early"),
+        ("{\"instances\": [] \"workers\": 1}", "invalid JSON at line 1 column 18"),
+        ("{\"instances\": []}", "field instances: the list is empty"),
+    ] {
+        let e = Config::from_json(text, Path::new("f.json"), &none, &MapEnv(HashMap::new())).expect_err(text);
+        assert!(e.message.starts_with("config file f.json") && e.message.contains(says), "{text:?}: {e}");
+        assert!(e.message.contains("; fix: "), "{text:?}: {e}");
+    }
+}
+
+#[test]
+fn a_file_that_cannot_be_read_says_why_and_where_its_path_came_from() {
+    let dir = std::env::temp_dir();
+    let missing = dir.join(format!("azure-proxy-no-such-{}.json", std::process::id()));
+    for (flags, env, says) in [
+        (Some(missing.clone()), vec![], "does not exist (from --config)"),
+        (Some(dir.clone()), vec![], "is a directory, not a file (from --config)"),
+        (None, vec![("AZURE_PROXY_CONFIG", "/no/such/azure.json")], "does not exist (from AZURE_PROXY_CONFIG)"),
+    ] {
+        let flags = Overrides { config_path: flags, ..Default::default() };
+        let e = Config::load(&flags, &MapEnv(env.into_iter().collect())).expect_err(says);
+        assert!(e.message.starts_with("config file ") && e.message.contains(says), "{e}");
+        assert!(e.message.contains("fix: point --config or AZURE_PROXY_CONFIG"), "{e}");
+    }
+}
+
+#[test]
+fn rust_log_accepts_the_level_names_in_any_case() {
+    for (value, level) in
+        [("warn", log::LevelFilter::Warn), ("DEBUG", log::LevelFilter::Debug), ("off", log::LevelFilter::Off)]
+    {
+        let env = MapEnv([("RUST_LOG", value)].into());
+        let c = Config::from_json(&format!("{TWO}}}"), Path::new("l.json"), &Overrides::default(), &env).expect(value);
+        assert_eq!(c.log_level, level);
+    }
+}
+
+#[test]
+fn open_access_warning_only_without_client_keys() {
+    let open = r#"{"instances": [{"endpoint": "https://a.example", "api_key": "k"}], "client_header_name": "X-Key"}"#;
+    let c =
+        Config::from_json(open, Path::new("o.json"), &Overrides::default(), &MapEnv(HashMap::new())).expect("valid");
+    let w = c.open_access_warning().expect("warning");
+    assert!(w.contains("NO CLIENT KEY ALLOWLIST") && w.contains("x-key"), "{w}");
+    let c = Config::from_json(&format!("{TWO}}}"), Path::new("o.json"), &Overrides::default(), &MapEnv(HashMap::new()));
+    assert_eq!(c.expect("valid").open_access_warning(), None);
+}
