@@ -6,6 +6,7 @@
 //! This is a readiness loop, not an async runtime: it never runs request logic, only reads heads and writes the
 //! few canned answers (400, 408, 414, 431, 503, 505) that need no worker.
 
+use std::collections::VecDeque;
 use std::io::{self, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
@@ -21,8 +22,10 @@ use crate::http::parse::{parse_head, HeadError};
 use crate::http::write::Persist;
 use crate::http::{ClientStream, Conn, Head};
 use crate::lifecycle;
+use crate::pool::Pool;
 use crate::relay;
 use crate::request_id;
+use crate::serve::refuse_queued;
 use crate::state::Shared;
 
 /// How long to stop accepting after `accept` fails for lack of file descriptors, so that the loop does not spin.
@@ -34,6 +37,8 @@ const MAX_POLL_WAIT: Duration = Duration::from_secs(1);
 pub struct Job {
     pub conn: Conn,
     pub head: Head,
+    /// When it entered the queue: a job that waited longer than `queue_timeout` is answered 503, not served.
+    pub queued_at: Instant,
 }
 
 /// Hands served keep-alive connections back to the front thread and wakes its `poll`.
@@ -72,6 +77,12 @@ pub struct Front {
     reload_from: Option<Overrides>,
     drain_deadline: Option<Instant>,
     jobs: Sender<Job>,
+    /// Set before `run`: started on demand as jobs are queued.
+    pool: Option<Arc<Pool>>,
+    /// When each job still in the channel was queued, oldest first: `queued[0]` is job number `queue_base`
+    /// (jobs are numbered in sending order, and the channel hands them out in that order).
+    queued: VecDeque<Instant>,
+    queue_base: u64,
     returned: Receiver<Conn>,
     wake_rx: UnixStream,
     open: Arc<AtomicUsize>,
@@ -101,6 +112,9 @@ impl Front {
             reload_from,
             drain_deadline: None,
             jobs,
+            pool: None,
+            queued: VecDeque::new(),
+            queue_base: 0,
             returned,
             wake_rx,
             open: Arc::new(AtomicUsize::new(0)),
@@ -110,6 +124,11 @@ impl Front {
             last_fd_warning: None,
         };
         Ok((front, Returner { tx, wake: Arc::new(wake_tx) }))
+    }
+
+    /// The worker pool that takes this front's jobs (set once, before `run`).
+    pub fn set_pool(&mut self, pool: Arc<Pool>) {
+        self.pool = Some(pool);
     }
 
     /// Open client connections right now (waiting here, queued, or being served).
@@ -135,7 +154,9 @@ impl Front {
             fds.push(pollfd(self.wake_rx.as_raw_fd()));
             fds.push(pollfd(listen_fd));
             fds.extend(self.waiting.iter().map(|w| pollfd(w.conn.stream.tcp().as_raw_fd())));
-            let next_deadline = self.waiting.iter().map(|w| w.deadline).min();
+            let queue_timeout = self.shared.state().config.queue_timeout;
+            let next_deadline =
+                self.waiting.iter().map(|w| w.deadline).chain(self.queued.front().map(|t| *t + queue_timeout)).min();
             let wait = next_deadline
                 .map(|d| d.saturating_duration_since(now))
                 .unwrap_or(MAX_POLL_WAIT)
@@ -160,6 +181,7 @@ impl Front {
                 }
             }
             self.expire(Instant::now());
+            self.expire_queued();
             if fds[0].revents != 0 {
                 self.take_returned();
             }
@@ -254,8 +276,18 @@ impl Front {
             log::warn!("cannot switch a client socket to blocking mode: {e}");
             return;
         }
-        match self.jobs.try_send(Job { conn, head }) {
-            Ok(()) => {}
+        self.enqueue(Job { conn, head, queued_at: Instant::now() });
+    }
+
+    fn enqueue(&mut self, job: Job) {
+        let queued_at = job.queued_at;
+        match self.jobs.try_send(job) {
+            Ok(()) => {
+                self.queued.push_back(queued_at);
+                if let Some(pool) = &self.pool {
+                    pool.on_queued();
+                }
+            }
             Err(TrySendError::Full(job)) => {
                 let state = self.shared.state();
                 state.metrics.shed.fetch_add(1, Ordering::Relaxed);
@@ -263,6 +295,34 @@ impl Front {
                 canned(job.conn, 503, "the proxy is at capacity; retry shortly", &[("Retry-After", "1")]);
             }
             Err(TrySendError::Disconnected(_)) => {}
+        }
+    }
+
+    /// Bounds the wait in the queue: when every worker is busy (a stream may hold one for a minute), the oldest
+    /// queued request is taken back after `queue_timeout` and answered 503 + `Retry-After`, so that no client
+    /// waits for a whole completion to end before it even starts.
+    fn expire_queued(&mut self) {
+        let Some(pool) = self.pool.clone() else { return };
+        let timeout = self.shared.state().config.queue_timeout;
+        loop {
+            let taken = pool.taken();
+            while self.queue_base < taken && self.queued.pop_front().is_some() {
+                self.queue_base += 1;
+            }
+            match self.queued.front() {
+                Some(t) if t.elapsed() >= timeout => {}
+                _ => return,
+            }
+            // Taken by a worker that has not counted it yet: the next round looks again.
+            let Some(job) = pool.take_oldest() else { return };
+            if job.queued_at.elapsed() >= timeout {
+                let state = self.shared.state();
+                let _ = job.conn.stream.tcp().set_nonblocking(true);
+                refuse_queued(&state, job.conn, &job.head);
+            } else {
+                // A younger job than the one timed (a worker took that one in between): back in the queue.
+                self.enqueue(job);
+            }
         }
     }
 

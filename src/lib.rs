@@ -22,6 +22,7 @@ pub mod guard;
 pub mod http;
 pub mod lifecycle;
 pub mod metrics;
+pub mod pool;
 pub mod redact;
 pub mod relay;
 pub mod request_id;

@@ -72,7 +72,12 @@ pub struct Metrics {
     /// Set at start-up: the open-connection counter and the queue length, read at scrape time.
     pub open_connections: std::sync::OnceLock<std::sync::Arc<std::sync::atomic::AtomicUsize>>,
     pub queue_depth: std::sync::OnceLock<Box<dyn Fn() -> usize + Send + Sync>>,
+    /// Worker threads, read at scrape time.
+    pub workers: std::sync::OnceLock<WorkerCounts>,
 }
+
+/// Reads the worker pool's (alive, idle, most alive at once).
+pub type WorkerCounts = Box<dyn Fn() -> (usize, usize, usize) + Send + Sync>;
 
 /// Values read at scrape time from the rest of the proxy.
 pub struct Gauges<'a> {
@@ -160,6 +165,15 @@ impl Metrics {
             self.in_flight.load(Ordering::Relaxed),
         );
         gauge(&mut out, "azure_proxy_queue_depth", "Requests waiting for a worker.", g.queue_depth as i64);
+        let (live, idle, peak) = self.workers.get().map_or((0, 0, 0), |f| f());
+        gauge(&mut out, "azure_proxy_worker_threads", "Worker threads alive (serving or idle).", live as i64);
+        gauge(&mut out, "azure_proxy_idle_worker_threads", "Worker threads waiting for a request.", idle as i64);
+        gauge(
+            &mut out,
+            "azure_proxy_worker_threads_peak",
+            "Most worker threads alive at once since start.",
+            peak as i64,
+        );
         gauge(&mut out, "azure_proxy_open_connections", "Open client connections.", g.open_connections as i64);
         gauge(
             &mut out,

@@ -213,6 +213,19 @@ fn handle(
     relay::relay(state, &ex, &mut conn.stream, persist)
 }
 
+/// A request that waited in the queue longer than `queue_timeout` (every worker busy): 503 + `Retry-After`, and
+/// the connection closes (its body, if any, was never read). Never served late.
+pub fn refuse_queued(state: &State, mut conn: Conn, head: &Head) {
+    state.metrics.shed.fetch_add(1, Ordering::Relaxed);
+    let rid = request_id::accept_or_generate(head.header("x-request-id"));
+    let waited = state.config.queue_timeout.as_millis();
+    log::warn!("{rid} all {} workers busy for queue_timeout_ms={waited}; answering 503", state.config.workers);
+    let msg = "every worker is busy; retry shortly";
+    let _ =
+        relay::respond_error(&mut conn.stream, &rid, 503, "server_error", msg, &[("Retry-After", "1")], Persist::Close);
+    let _ = conn.stream.tcp().shutdown(std::net::Shutdown::Write);
+}
+
 /// 413, and the connection closes: the rest of the body is never read.
 fn too_large(conn: &mut Conn, rid: &str, max: u64) -> Relayed {
     let msg = format!("request body larger than {max} bytes");

@@ -1,26 +1,21 @@
 //! Start-up: bind the listener, build the shared state, start the worker pool and the front thread.
 //!
-//! Shape: front thread (accept + read heads) → bounded channel of `queue_size` → `workers` threads, each serving
-//! one request at a time with blocking I/O, then giving a keep-alive connection back to the front thread.
+//! Shape: front thread (accept + read heads) → bounded channel of `queue_size` → the worker pool (`pool`), whose
+//! threads serve one request at a time with blocking I/O, then give a keep-alive connection back to the front
+//! thread.
 
 use std::io;
 use std::net::{SocketAddr, TcpListener};
 use std::os::fd::{AsRawFd, RawFd};
-use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 
 use crate::admin;
 use crate::config::{Config, Overrides};
-use crate::front::{Front, Job, Returner};
-use crate::http::parse::parse_head;
-use crate::http::{Conn, Head};
+use crate::front::{Front, Job};
 use crate::lifecycle;
-use crate::serve::serve;
+use crate::pool::Pool;
 use crate::state::{Shared, State};
-
-/// Worker stack: a rustls handshake and ureq's call stack fit comfortably; only touched pages cost memory.
-const WORKER_STACK_BYTES: usize = 512 * 1024;
 
 /// A running proxy.
 pub struct Server {
@@ -69,24 +64,19 @@ fn launch(config: Config, source: Option<Overrides>) -> io::Result<Server> {
     let listener = TcpListener::bind(config.listen)
         .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {}: {e}", config.listen)))?;
     let addr = listener.local_addr()?;
-    let (workers, queue_size) = (config.workers, config.queue_size);
+    set_backlog(&listener, config.listen_backlog)?;
+    let queue_size = config.queue_size;
     let shared = Arc::new(Shared::new(State::new(config).map_err(io::Error::other)?));
     let (jobs_tx, jobs_rx) = crossbeam_channel::bounded::<Job>(queue_size);
-    let (front, returner) = Front::new(Arc::clone(&shared), listener, jobs_tx, source)?;
+    let (mut front, returner) = Front::new(Arc::clone(&shared), listener, jobs_tx, source)?;
     let metrics = Arc::clone(&shared.state().metrics);
     let _ = metrics.open_connections.set(front.open_connections());
     let queue = jobs_rx.clone();
     let _ = metrics.queue_depth.set(Box::new(move || queue.len()));
     let wake_fd = returner.wake_fd();
-    for i in 0..workers {
-        let rx = jobs_rx.clone();
-        let shared = Arc::clone(&shared);
-        let returner = returner.clone();
-        thread::Builder::new()
-            .name(format!("worker-{i}"))
-            .stack_size(WORKER_STACK_BYTES)
-            .spawn(move || work(&shared, rx, &returner))?;
-    }
+    let pool = Pool::start(Arc::clone(&shared), jobs_rx, returner)?;
+    front.set_pool(Arc::clone(&pool));
+    let _ = metrics.workers.set(Box::new(move || (pool.live(), pool.idle(), pool.peak())));
     if let Some(admin_addr) = shared.state().config.admin_listen {
         let admin = TcpListener::bind(admin_addr)
             .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on admin_listen {admin_addr}: {e}")))?;
@@ -97,84 +87,16 @@ fn launch(config: Config, source: Option<Overrides>) -> io::Result<Server> {
     Ok(Server { addr, front, shared, wake_fd })
 }
 
-fn work(shared: &Shared, jobs: crossbeam_channel::Receiver<Job>, returner: &Returner) {
-    for Job { mut conn, mut head } in jobs.iter() {
-        loop {
-            // Each request takes the configuration current when it starts, and keeps it to its end.
-            let state = shared.state();
-            if !conn.worker_ready {
-                if let Err(e) = conn.stream.tcp().set_read_timeout(Some(state.config.body_read_timeout)) {
-                    log::warn!("cannot set a read timeout on a client socket: {e}");
-                    break;
-                }
-                conn.worker_ready = true;
-            }
-            let draining = shared.is_draining();
-            // A bug that panics on one request must cost that request only, not a worker: the connection is
-            // dropped (closed) during unwinding and this thread goes on. (Release builds abort on panic instead.)
-            let mut kept = match catch_unwind(AssertUnwindSafe(|| serve(&state, conn, head, draining))) {
-                Ok(Some(kept)) => kept,
-                Ok(None) => break,
-                Err(_) => {
-                    log::error!("a request handler panicked; its connection was closed");
-                    break;
-                }
-            };
-            match next_request_here(&state, &mut kept, &jobs) {
-                Next::Here(next) => (conn, head) = (kept, next),
-                Next::ToFront => {
-                    returner.give_back(kept);
-                    break;
-                }
-                Next::Closed => break,
-            }
-        }
+/// Sets the listener's backlog: Rust's `bind` uses 128, which a burst of clients overflows (the kernel then
+/// drops their SYNs and they retry after a second). Calling `listen` again on a listening socket only changes
+/// the backlog; the kernel caps it at `net.core.somaxconn`.
+fn set_backlog(listener: &TcpListener, backlog: u32) -> io::Result<()> {
+    let backlog = i32::try_from(backlog).unwrap_or(i32::MAX);
+    // SAFETY: a valid listening socket's fd, for the duration of the call.
+    if unsafe { libc::listen(listener.as_raw_fd(), backlog) } != 0 {
+        return Err(io::Error::last_os_error());
     }
-}
-
-enum Next {
-    /// The next request's head, already taken from the connection's buffer.
-    Here(Head),
-    ToFront,
-    Closed,
-}
-
-/// The keep-alive fast path: a client that sends its next request at once (a pooled SDK, a batch job, a load
-/// generator) is served by the same worker, saving two thread hand-offs and a poll round. Anything slower than
-/// `keepalive_linger`, any incomplete or invalid head, and every connection while requests are queued goes back
-/// to the front thread, which owns waiting.
-fn next_request_here(state: &State, conn: &mut Conn, jobs: &crossbeam_channel::Receiver<Job>) -> Next {
-    let cfg = &state.config;
-    if conn.buf.is_empty() {
-        let ready = conn.stream.has_buffered() || readable_within(conn.stream.tcp(), cfg.keepalive_linger);
-        if !jobs.is_empty() || cfg.keepalive_linger.is_zero() || !ready {
-            return Next::ToFront;
-        }
-        match conn.read_more() {
-            Ok(0) => return Next::Closed,
-            Ok(_) => {}
-            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) => {
-                return Next::ToFront
-            }
-            Err(_) => return Next::Closed,
-        }
-    }
-    match parse_head(&conn.buf, cfg.max_head_bytes, cfg.max_headers) {
-        Ok(Some(head)) => {
-            conn.consume(head.len);
-            Next::Here(head)
-        }
-        Ok(None) | Err(_) => Next::ToFront,
-    }
-}
-
-/// Waits up to `wait` for `stream` to become readable (data, EOF or error).
-fn readable_within(stream: &std::net::TcpStream, wait: std::time::Duration) -> bool {
-    let mut fd = libc::pollfd { fd: stream.as_raw_fd(), events: libc::POLLIN, revents: 0 };
-    let ms = i32::try_from(wait.as_millis()).unwrap_or(i32::MAX);
-    // SAFETY: one valid pollfd, alive for the call, count 1.
-    let ready = unsafe { libc::poll(&mut fd, 1, ms) };
-    ready > 0
+    Ok(())
 }
 
 /// Raises the soft open-files limit to the hard limit: every client and upstream connection is an fd, and the

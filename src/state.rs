@@ -109,7 +109,7 @@ impl State {
 /// What the agent is built from; a reload that leaves these alone keeps the agent and its open connections.
 fn agent_settings(c: &Config) -> (usize, usize, usize, std::time::Duration, std::time::Duration, std::time::Duration) {
     (
-        c.workers,
+        c.upstream_idle_per_instance,
         c.instances.len(),
         c.max_head_bytes,
         c.connect_timeout,
@@ -141,8 +141,14 @@ impl Shared {
         if config.listen != previous.config.listen
             || config.workers != previous.config.workers
             || config.queue_size != previous.config.queue_size
+            || config.idle_workers != previous.config.idle_workers
+            || config.worker_idle != previous.config.worker_idle
+            || config.listen_backlog != previous.config.listen_backlog
         {
-            log::warn!("listen, workers and queue_size are read at start only; restart to change them");
+            log::warn!(
+                "listen, listen_backlog, workers, idle_workers, worker_idle_ms and queue_size are read at start \
+                 only; restart to change them"
+            );
         }
         let next = State::reloaded(config, &previous)?;
         *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(next);
@@ -161,7 +167,7 @@ const UPSTREAM_BUFFER_BYTES: usize = 16 * 1024;
 /// redirects go back to the client; no environment proxy; nothing added to the client's headers; connect,
 /// response-head and per-read timeouts only, because a whole-body timeout would cut long streams.
 fn build_agent(config: &Config) -> Agent {
-    let idle_per_host = config.workers;
+    let idle_per_host = config.upstream_idle_per_instance;
     let proxy = match &config.egress_proxy {
         EgressProxy::Direct => None,
         EgressProxy::FromEnvironment => ureq::Proxy::try_from_env(),

@@ -178,3 +178,34 @@ fn open_access_warning_only_without_client_keys() {
     let c = Config::from_json(&format!("{TWO}}}"), Path::new("o.json"), &Overrides::default(), &MapEnv(HashMap::new()));
     assert_eq!(c.expect("valid").open_access_warning(), None);
 }
+
+#[test]
+fn pool_settings_that_make_no_sense_are_refused() {
+    let m = file_error(r#", "workers": 10, "idle_workers": 11"#);
+    assert!(m.contains("field idle_workers: 11 is more than workers (10)"), "{m}");
+    let m = file_error(r#", "workers": 1000000"#);
+    assert!(m.contains("field workers: 1000000 threads") && m.contains("at most 100000"), "{m}");
+    let m = error("", &[("AZURE_PROXY_WORKERS", "200000")], Overrides::default());
+    assert!(m.contains("environment variable AZURE_PROXY_WORKERS"), "{m}");
+    let m = file_error(r#", "listen_backlog": 0"#);
+    assert!(m.contains("field listen_backlog: 0 is out of range"), "{m}");
+    for field in ["queue_timeout_ms", "worker_idle_ms"] {
+        let m = file_error(&format!(r#", "{field}": 0"#));
+        assert!(m.contains(&format!("field {field}: must be greater than 0")), "{m}");
+    }
+}
+
+#[test]
+fn pool_defaults_serve_thousands_of_streams_and_keep_a_few_threads_warm() {
+    let c = Config::from_json(&format!("{TWO}}}"), Path::new("c.json"), &Overrides::default(), &MapEnv(HashMap::new()))
+        .expect("valid");
+    assert_eq!((c.workers, c.idle_workers, c.listen_backlog), (4096, 8, 4096));
+    let c = Config::from_json(
+        &format!("{TWO}, \"workers\": 4}}"),
+        Path::new("c.json"),
+        &Overrides::default(),
+        &MapEnv(HashMap::new()),
+    )
+    .expect("valid");
+    assert_eq!(c.idle_workers, 4, "never more warm threads than the bound");
+}

@@ -20,7 +20,12 @@ const FILE_FIELDS: &[&str] = &[
     "client_keys",
     "listen",
     "workers",
+    "idle_workers",
+    "worker_idle_ms",
     "queue_size",
+    "queue_timeout_ms",
+    "listen_backlog",
+    "upstream_idle_per_instance",
     "max_connections",
     "max_head_bytes",
     "max_headers",
@@ -79,7 +84,12 @@ pub(super) struct FileConfig {
     client_keys: Option<Vec<String>>,
     pub listen: Option<String>,
     pub workers: Option<usize>,
+    idle_workers: Option<usize>,
+    worker_idle_ms: Option<u64>,
     queue_size: Option<usize>,
+    queue_timeout_ms: Option<u64>,
+    listen_backlog: Option<u32>,
+    upstream_idle_per_instance: Option<usize>,
     max_connections: Option<usize>,
     max_head_bytes: Option<usize>,
     max_headers: Option<usize>,
@@ -146,7 +156,12 @@ impl FileConfig {
             client_keys: o.secrets("client_keys")?,
             listen: o.string("listen")?,
             workers: o.number("workers")?,
+            idle_workers: o.number("idle_workers")?,
+            worker_idle_ms: o.number("worker_idle_ms")?,
             queue_size: o.number("queue_size")?,
+            queue_timeout_ms: o.number("queue_timeout_ms")?,
+            listen_backlog: o.number("listen_backlog")?,
+            upstream_idle_per_instance: o.number("upstream_idle_per_instance")?,
             max_connections: o.number("max_connections")?,
             max_head_bytes: o.number("max_head_bytes")?,
             max_headers: o.number("max_headers")?,
@@ -228,7 +243,12 @@ impl Config {
             client_keys,
             listen: set.listen,
             workers: set.workers,
+            idle_workers: check.idle_workers(raw.idle_workers, set.workers)?,
+            worker_idle: ms(raw.worker_idle_ms, DEFAULT_WORKER_IDLE_MS, "worker_idle_ms")?,
             queue_size: positive(raw.queue_size, DEFAULT_QUEUE_SIZE, "queue_size")?,
+            queue_timeout: ms(raw.queue_timeout_ms, DEFAULT_QUEUE_TIMEOUT_MS, "queue_timeout_ms")?,
+            listen_backlog: check.listen_backlog(raw.listen_backlog)?,
+            upstream_idle_per_instance: raw.upstream_idle_per_instance.unwrap_or(DEFAULT_UPSTREAM_IDLE_PER_INSTANCE),
             max_connections: positive(raw.max_connections, DEFAULT_MAX_CONNECTIONS, "max_connections")?,
             max_head_bytes: positive(raw.max_head_bytes, DEFAULT_MAX_HEAD_BYTES, "max_head_bytes")?,
             max_headers: positive(raw.max_headers, DEFAULT_MAX_HEADERS, "max_headers")?,
@@ -289,6 +309,30 @@ impl Check<'_> {
                 "use a whole number of 1 or more, or remove it for the default",
             )),
             v => Ok(v),
+        }
+    }
+
+    fn idle_workers(&self, v: Option<usize>, workers: usize) -> Result<usize, ConfigError> {
+        match v {
+            Some(n) if n > workers => Err(self.error(
+                "idle_workers",
+                format!("{n} is more than workers ({workers}), the most threads there can be"),
+                format!("use at most {workers}, or raise workers"),
+            )),
+            Some(n) => Ok(n),
+            None => Ok(DEFAULT_IDLE_WORKERS.min(workers)),
+        }
+    }
+
+    fn listen_backlog(&self, v: Option<u32>) -> Result<u32, ConfigError> {
+        match v {
+            Some(n) if !(1..=MAX_LISTEN_BACKLOG).contains(&n) => Err(self.error(
+                "listen_backlog",
+                format!("{n} is out of range"),
+                format!("use 1 to {MAX_LISTEN_BACKLOG} (the kernel also caps it at net.core.somaxconn)"),
+            )),
+            Some(n) => Ok(n),
+            None => Ok(DEFAULT_LISTEN_BACKLOG),
         }
     }
 

@@ -23,8 +23,25 @@ mod overlay;
 pub const DEFAULT_CONFIG_PATH: &str = "azure_instances.json";
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:8000";
 pub const DEFAULT_HEADER_NAME: &str = "api-key";
-pub const DEFAULT_WORKERS: usize = 64;
+/// The most worker threads, i.e. requests (streams included) served at once. Threads are started on demand, so
+/// the bound costs nothing until it is used: a stream holds one thread (about 40 KiB resident) for its life.
+pub const DEFAULT_WORKERS: usize = 4096;
+/// `workers` above this is refused: past it a machine runs out of threads or memory before the proxy is useful.
+pub const MAX_WORKERS: usize = 100_000;
+/// Threads kept alive while idle, so that a lull does not cost a thread start per request.
+pub const DEFAULT_IDLE_WORKERS: usize = 8;
+/// A thread idle this long exits (down to `idle_workers`).
+pub const DEFAULT_WORKER_IDLE_MS: u64 = 10_000;
+/// Requests waiting for a worker when all `workers` are busy; beyond it the proxy answers 503 at once.
 pub const DEFAULT_QUEUE_SIZE: usize = 256;
+/// The longest a request waits in that queue before it is answered 503 (a stream may hold a worker a minute).
+pub const DEFAULT_QUEUE_TIMEOUT_MS: u64 = 2_000;
+/// The kernel's queue of connections not yet accepted: a burst of clients connecting in the same second must not
+/// overflow it (Rust's default is 128; nginx uses 511).
+pub const DEFAULT_LISTEN_BACKLOG: u32 = 4096;
+pub const MAX_LISTEN_BACKLOG: u32 = 65_535;
+/// Idle upstream connections kept per instance for reuse (each holds ureq's buffers); the rest are closed.
+pub const DEFAULT_UPSTREAM_IDLE_PER_INSTANCE: usize = 64;
 pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
 pub const DEFAULT_MAX_HEAD_BYTES: usize = 32 * 1024;
 pub const DEFAULT_MAX_HEADERS: usize = 100;
@@ -143,9 +160,20 @@ pub struct Config {
     /// Allowlist of client keys; empty means any non-empty key is accepted (the original's behaviour).
     pub client_keys: Vec<Secret>,
     pub listen: SocketAddr,
+    /// The most worker threads (requests served at once); started on demand.
     pub workers: usize,
-    /// Requests waiting for a worker; beyond it the proxy answers 503 at once.
+    /// Worker threads kept while idle.
+    pub idle_workers: usize,
+    /// How long a worker beyond `idle_workers` waits for work before it exits.
+    pub worker_idle: Duration,
+    /// Requests waiting for a worker when all are busy; beyond it the proxy answers 503 at once.
     pub queue_size: usize,
+    /// The longest a request waits in the queue; then 503 + `Retry-After`.
+    pub queue_timeout: Duration,
+    /// `listen(2)` backlog of the proxy's listener.
+    pub listen_backlog: u32,
+    /// Idle upstream connections kept per instance.
+    pub upstream_idle_per_instance: usize,
     /// Open client connections (idle, reading, or being served); beyond it new ones get 503 and are closed.
     pub max_connections: usize,
     pub max_head_bytes: usize,

@@ -59,6 +59,10 @@ pub(super) fn apply(raw: &FileConfig, file: &Path, o: &Overrides, env: &dyn Env)
         let fix = format!("use a whole number of 1 or more (the default is {DEFAULT_WORKERS})");
         return Err(workers.1.error(file, "must be at least 1, got 0", fix));
     }
+    if workers.0 > MAX_WORKERS {
+        let fix = format!("use at most {MAX_WORKERS}; the default {DEFAULT_WORKERS} serves that many streams at once");
+        return Err(workers.1.error(file, format!("{} threads is more than any machine can run", workers.0), fix));
+    }
 
     let from_env = |var: &'static str| -> Result<Option<u64>, ConfigError> {
         given(None, var, env).map(|(text, origin)| number::<u64>(&text, origin, file)).transpose()

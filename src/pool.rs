@@ -1,0 +1,290 @@
+//! The worker pool: threads that take request heads from the front thread's channel and serve each request to the
+//! end with blocking I/O. Elastic within a bound: a worker is started when a request is queued and no worker is
+//! idle (up to `workers`); threads that were not needed during a whole `worker_idle` period exit, down to
+//! `idle_workers` kept warm. Every open stream holds one worker, so the bound is the number of simultaneous
+//! completions; a thread that only exists while it streams costs its stack's touched pages and nothing after.
+//!
+//! Why not "a worker that waited `worker_idle` for a job exits": the channel wakes waiting workers in turn, so a
+//! trickle of requests (a health probe, 50 requests a second) would reach every one of thousands of threads
+//! often enough to keep them all. Instead the pool tracks the fewest idle workers seen during each period: that
+//! many were never needed, and that many (above the warm ones) exit.
+//!
+//! Invariants: `live` counts started threads that have not exited; `idle` counts those not serving a request
+//! (waiting on the channel, or just started); `idle <= live <= max`.
+
+use std::io;
+use std::os::fd::AsRawFd;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError};
+
+use crate::front::{Job, Returner};
+use crate::http::parse::parse_head;
+use crate::http::{Conn, Head};
+use crate::serve::{refuse_queued, serve};
+use crate::state::{Shared, State};
+
+/// Worker stack: a rustls handshake and ureq's call stack fit comfortably; only touched pages cost memory.
+const WORKER_STACK_BYTES: usize = 256 * 1024;
+
+pub struct Pool {
+    jobs: Receiver<Job>,
+    shared: Arc<Shared>,
+    returner: Returner,
+    max: usize,
+    keep_warm: usize,
+    idle_after: Duration,
+    live: AtomicUsize,
+    idle: AtomicUsize,
+    /// The fewest idle workers since the current period began.
+    idle_low: AtomicUsize,
+    /// When the current period began, in ms since `born`.
+    period_start_ms: AtomicU64,
+    born: Instant,
+    /// Workers asked to exit (surplus found at the end of a period); each exiting worker takes one.
+    to_retire: AtomicUsize,
+    /// Most threads alive at once since start (for the benchmark and metrics).
+    peak: AtomicUsize,
+    /// Jobs taken off the channel so far, by workers or by the front thread expiring them.
+    taken: AtomicU64,
+    next_id: AtomicU64,
+}
+
+impl Pool {
+    /// Starts the warm workers.
+    pub fn start(shared: Arc<Shared>, jobs: Receiver<Job>, returner: Returner) -> io::Result<Arc<Pool>> {
+        let cfg = &shared.state().config;
+        let pool = Arc::new(Pool {
+            max: cfg.workers,
+            keep_warm: cfg.idle_workers.min(cfg.workers),
+            idle_after: cfg.worker_idle,
+            jobs,
+            shared: Arc::clone(&shared),
+            returner,
+            live: AtomicUsize::new(0),
+            idle: AtomicUsize::new(0),
+            idle_low: AtomicUsize::new(0),
+            period_start_ms: AtomicU64::new(0),
+            born: Instant::now(),
+            to_retire: AtomicUsize::new(0),
+            peak: AtomicUsize::new(0),
+            taken: AtomicU64::new(0),
+            next_id: AtomicU64::new(0),
+        });
+        for _ in 0..pool.keep_warm {
+            if !pool.grow() {
+                return Err(io::Error::other("cannot start the worker threads"));
+            }
+        }
+        Ok(pool)
+    }
+
+    /// Called by the front thread after queueing a job: starts a worker when none is idle to take it.
+    pub fn on_queued(self: &Arc<Self>) {
+        if self.jobs.len() > self.idle.load(Ordering::Acquire) {
+            self.grow();
+        }
+    }
+
+    /// Whether every worker the bound allows is busy: queued jobs wait for one to finish.
+    pub fn saturated(&self) -> bool {
+        self.live.load(Ordering::Acquire) >= self.max && self.idle.load(Ordering::Acquire) == 0
+    }
+
+    pub fn live(&self) -> usize {
+        self.live.load(Ordering::Relaxed)
+    }
+
+    pub fn idle(&self) -> usize {
+        self.idle.load(Ordering::Relaxed)
+    }
+
+    pub fn peak(&self) -> usize {
+        self.peak.load(Ordering::Relaxed)
+    }
+
+    /// Jobs taken off the channel so far (the front thread uses it to know which queued job is the oldest).
+    pub fn taken(&self) -> u64 {
+        self.taken.load(Ordering::Acquire)
+    }
+
+    /// Takes the oldest queued job away from the workers (the front thread, to refuse it after its queue wait).
+    pub fn take_oldest(&self) -> Option<Job> {
+        let job = self.jobs.try_recv().ok()?;
+        self.taken.fetch_add(1, Ordering::AcqRel);
+        Some(job)
+    }
+
+    /// Starts one worker unless the bound is reached; false when none was started.
+    fn grow(self: &Arc<Self>) -> bool {
+        let reserved = self.live.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < self.max).then_some(n + 1));
+        let Ok(before) = reserved else { return false };
+        self.peak.fetch_max(before + 1, Ordering::Relaxed);
+        // Counted idle from now: it will take the job that made us start it.
+        self.idle.fetch_add(1, Ordering::AcqRel);
+        let pool = Arc::clone(self);
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let spawned = thread::Builder::new()
+            .name(format!("worker-{id}"))
+            .stack_size(WORKER_STACK_BYTES)
+            .spawn(move || pool.work());
+        match spawned {
+            Ok(_) => true,
+            Err(e) => {
+                self.idle.fetch_sub(1, Ordering::AcqRel);
+                self.live.fetch_sub(1, Ordering::AcqRel);
+                log::warn!("cannot start a worker thread ({e}); {} running", self.live());
+                false
+            }
+        }
+    }
+
+    /// One worker's life: take jobs until the pool finds it surplus (or the channel closes).
+    fn work(self: Arc<Self>) {
+        loop {
+            self.end_period_if_due();
+            if self.take_retirement() {
+                return;
+            }
+            match self.jobs.recv_timeout(self.idle_after) {
+                Ok(job) => {
+                    self.taken.fetch_add(1, Ordering::AcqRel);
+                    let now_idle = self.idle.fetch_sub(1, Ordering::AcqRel) - 1;
+                    self.idle_low.fetch_min(now_idle, Ordering::AcqRel);
+                    self.serve_connection(job);
+                    self.idle.fetch_add(1, Ordering::AcqRel);
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => {
+                    self.idle.fetch_sub(1, Ordering::AcqRel);
+                    self.live.fetch_sub(1, Ordering::AcqRel);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// At the end of each `idle_after` period (noticed by whichever worker wakes first), the workers that stayed
+    /// idle through all of it, beyond the warm ones, are asked to exit.
+    fn end_period_if_due(&self) {
+        let now = self.born.elapsed().as_millis() as u64;
+        let start = self.period_start_ms.load(Ordering::Acquire);
+        if now.saturating_sub(start) < self.idle_after.as_millis() as u64 {
+            return;
+        }
+        if self.period_start_ms.compare_exchange(start, now, Ordering::AcqRel, Ordering::Acquire).is_err() {
+            return; // another worker ended this period
+        }
+        let idle_now = self.idle.load(Ordering::Acquire);
+        let never_needed = self.idle_low.swap(idle_now, Ordering::AcqRel).min(idle_now);
+        let live = self.live.load(Ordering::Acquire);
+        let pending = self.to_retire.load(Ordering::Acquire);
+        let surplus = never_needed.min(live.saturating_sub(self.keep_warm)).saturating_sub(pending);
+        if surplus > 0 {
+            self.to_retire.fetch_add(surplus, Ordering::AcqRel);
+        }
+    }
+
+    /// Exits this worker if one is asked to (never below the warm ones); true when it must return.
+    fn take_retirement(&self) -> bool {
+        let asked = self.to_retire.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+        if asked.is_err() {
+            return false;
+        }
+        let left = self.live.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n > self.keep_warm).then(|| n - 1));
+        if left.is_err() {
+            return false;
+        }
+        self.idle.fetch_sub(1, Ordering::AcqRel);
+        true
+    }
+
+    /// Serves the job's request, then the connection's next ones while they arrive back to back.
+    fn serve_connection(&self, job: Job) {
+        let Job { mut conn, mut head, queued_at } = job;
+        let state = self.shared.state();
+        if queued_at.elapsed() > state.config.queue_timeout {
+            refuse_queued(&state, conn, &head);
+            return;
+        }
+        loop {
+            // Each request takes the configuration current when it starts, and keeps it to its end.
+            let state = self.shared.state();
+            if !conn.worker_ready {
+                if let Err(e) = conn.stream.tcp().set_read_timeout(Some(state.config.body_read_timeout)) {
+                    log::warn!("cannot set a read timeout on a client socket: {e}");
+                    return;
+                }
+                conn.worker_ready = true;
+            }
+            let draining = self.shared.is_draining();
+            // A bug that panics on one request must cost that request only, not a worker: the connection is
+            // dropped (closed) during unwinding and this thread goes on. (Release builds abort on panic instead.)
+            let mut kept = match catch_unwind(AssertUnwindSafe(|| serve(&state, conn, head, draining))) {
+                Ok(Some(kept)) => kept,
+                Ok(None) => return,
+                Err(_) => {
+                    log::error!("a request handler panicked; its connection was closed");
+                    return;
+                }
+            };
+            match next_request_here(&state, &mut kept, &self.jobs) {
+                Next::Here(next) => (conn, head) = (kept, next),
+                Next::ToFront => {
+                    self.returner.give_back(kept);
+                    return;
+                }
+                Next::Closed => return,
+            }
+        }
+    }
+}
+
+enum Next {
+    /// The next request's head, already taken from the connection's buffer.
+    Here(Head),
+    ToFront,
+    Closed,
+}
+
+/// The keep-alive fast path: a client that sends its next request at once (a pooled SDK, a batch job, a load
+/// generator) is served by the same worker, saving two thread hand-offs and a poll round. Anything slower than
+/// `keepalive_linger`, any incomplete or invalid head, and every connection while requests are queued goes back
+/// to the front thread, which owns waiting.
+fn next_request_here(state: &State, conn: &mut Conn, jobs: &Receiver<Job>) -> Next {
+    let cfg = &state.config;
+    if conn.buf.is_empty() {
+        let ready = conn.stream.has_buffered() || readable_within(conn.stream.tcp(), cfg.keepalive_linger);
+        if !jobs.is_empty() || cfg.keepalive_linger.is_zero() || !ready {
+            return Next::ToFront;
+        }
+        match conn.read_more() {
+            Ok(0) => return Next::Closed,
+            Ok(_) => {}
+            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) => {
+                return Next::ToFront
+            }
+            Err(_) => return Next::Closed,
+        }
+    }
+    match parse_head(&conn.buf, cfg.max_head_bytes, cfg.max_headers) {
+        Ok(Some(head)) => {
+            conn.consume(head.len);
+            Next::Here(head)
+        }
+        Ok(None) | Err(_) => Next::ToFront,
+    }
+}
+
+/// Waits up to `wait` for `stream` to become readable (data, EOF or error).
+fn readable_within(stream: &std::net::TcpStream, wait: Duration) -> bool {
+    let mut fd = libc::pollfd { fd: stream.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    let ms = i32::try_from(wait.as_millis()).unwrap_or(i32::MAX);
+    // SAFETY: one valid pollfd, alive for the call, count 1.
+    let ready = unsafe { libc::poll(&mut fd, 1, ms) };
+    ready > 0
+}

@@ -1,0 +1,143 @@
+//! The elastic worker pool: with the default configuration many more streams are served at once than the old
+//! fixed pool of 64 (threads start on demand); a request never waits in the queue for a stream to end (it is
+//! answered 503 after `queue_timeout_ms`); idle threads exit down to `idle_workers`.
+
+mod support;
+
+use std::sync::mpsc::{self, Sender};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use support::client::{call, Client};
+use support::mock::{MockAzure, Recorded, Reply};
+use support::proxy::{self, CHAT};
+
+/// A mock whose every request gets an SSE stream: the first event at once, the rest only when the test drops
+/// the stream's gate (kept in `gates`).
+fn gated_streams(gates: Arc<Mutex<Vec<Sender<()>>>>) -> MockAzure {
+    MockAzure::start(move |_: &Recorded| {
+        let (tx, rx) = mpsc::channel();
+        gates.lock().expect("gates").push(tx);
+        let events = vec!["data: {\"first\":true}\n\n".to_string(), "data: [DONE]\n\n".to_string()];
+        Reply::Sse { events, pause: Duration::ZERO, gate: Some(rx) }
+    })
+}
+
+fn open_stream(addr: std::net::SocketAddr) -> Client {
+    let mut c = Client::connect(addr);
+    c.send("POST", CHAT, &[("api-key", "client-key"), ("Content-Type", "application/json")], b"{\"stream\":true}");
+    c
+}
+
+/// Reads the stream's head and its first event.
+fn first_event(c: &mut Client) {
+    let (status, _) = c.read_head().expect("head");
+    assert_eq!(status, 200);
+    c.read_chunks_until(b"\"first\"").expect("first event");
+}
+
+fn eventually(what: &str, cond: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn metric(addr: std::net::SocketAddr, name: &str) -> i64 {
+    let r = call(addr, "GET", "/metrics", &[], b"");
+    let text = r.text();
+    let line = text.lines().find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '));
+    line.and_then(|l| l.rsplit(' ').next()?.parse().ok()).unwrap_or_else(|| panic!("no {name} in {text}"))
+}
+
+#[test]
+fn with_the_default_pool_stream_200_starts_while_stream_1_is_still_open() {
+    let gates = Arc::new(Mutex::new(Vec::new()));
+    let m = gated_streams(Arc::clone(&gates));
+    // No `workers` in the config: the defaults (the harness's own 4 is removed).
+    let p = proxy::start_with(proxy::instances_for(&[&m]), json!({"workers": null}));
+    let mut streams: Vec<Client> = Vec::new();
+    for i in 0..200 {
+        let mut c = open_stream(p.addr);
+        first_event(&mut c);
+        streams.push(c);
+        assert_eq!(m.hits(), i + 1);
+    }
+    // Every one of the 200 has its first event while all are open: none of them has ended (their gates are
+    // shut), so 200 requests were being served at once, against 64 workers before.
+    assert_eq!(gates.lock().expect("gates").len(), 200);
+    assert!(metric(p.addr, "azure_proxy_worker_threads") >= 200);
+    gates.lock().expect("gates").clear();
+    for (i, c) in streams.iter_mut().enumerate() {
+        let rest = c.read_chunks_until(b"[DONE]").unwrap_or_else(|e| panic!("stream {i}: {e}"));
+        assert!(!rest.is_empty());
+    }
+}
+
+#[test]
+fn when_every_worker_is_busy_a_request_gets_503_after_queue_timeout_not_after_a_stream() {
+    let gates = Arc::new(Mutex::new(Vec::new()));
+    let m = gated_streams(Arc::clone(&gates));
+    let p = proxy::start_with(
+        proxy::instances_for(&[&m]),
+        json!({"workers": 2, "idle_workers": 2, "queue_timeout_ms": 300}),
+    );
+    let mut held: Vec<Client> = (0..2).map(|_| open_stream(p.addr)).collect();
+    for c in &mut held {
+        first_event(c);
+    }
+    let r = call(p.addr, "POST", CHAT, &[("api-key", "client-key")], b"{}");
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert_eq!(r.header("retry-after"), Some("1"));
+    assert_eq!(r.json()["error"]["type"], "server_error");
+    // Answered while both streams are still open (their gates are shut), and never sent upstream.
+    assert_eq!(gates.lock().expect("gates").len(), 2);
+    assert_eq!(m.hits(), 2);
+    gates.lock().expect("gates").clear();
+    for c in &mut held {
+        c.read_chunks_until(b"[DONE]").expect("the held streams end normally");
+    }
+    // With workers free again, requests are served.
+    let gates_after = Arc::clone(&gates);
+    thread::spawn(move || {
+        // The next stream's gate is released as soon as it appears.
+        eventually("the next stream starts", || !gates_after.lock().expect("gates").is_empty());
+        gates_after.lock().expect("gates").clear();
+    });
+    let mut c = open_stream(p.addr);
+    first_event(&mut c);
+    c.read_chunks_until(b"[DONE]").expect("served after the burst");
+}
+
+#[test]
+fn idle_workers_exit_down_to_idle_workers_and_come_back_on_demand() {
+    let gates = Arc::new(Mutex::new(Vec::new()));
+    let m = gated_streams(Arc::clone(&gates));
+    let p = proxy::start_with(
+        proxy::instances_for(&[&m]),
+        json!({"workers": 64, "idle_workers": 2, "worker_idle_ms": 100}),
+    );
+    assert_eq!(metric(p.addr, "azure_proxy_worker_threads"), 2, "only the warm ones at start");
+    let mut streams: Vec<Client> = (0..20).map(|_| open_stream(p.addr)).collect();
+    for c in &mut streams {
+        first_event(c);
+    }
+    assert!(metric(p.addr, "azure_proxy_worker_threads") >= 20);
+    gates.lock().expect("gates").clear();
+    for c in &mut streams {
+        c.read_chunks_until(b"[DONE]").expect("stream ends");
+    }
+    drop(streams);
+    // The metrics request itself may hold one more worker while it is answered.
+    eventually("idle workers retire", || metric(p.addr, "azure_proxy_worker_threads") <= 3);
+    assert!(metric(p.addr, "azure_proxy_worker_threads_peak") >= 20);
+    // And they come back when needed.
+    let mut again: Vec<Client> = (0..10).map(|_| open_stream(p.addr)).collect();
+    for c in &mut again {
+        first_event(c);
+    }
+    gates.lock().expect("gates").clear();
+}
