@@ -400,6 +400,7 @@ impl LineSink {
 }
 
 /// Pieces that random targets are made of: every printable ASCII byte, and the spellings the checks are about.
+#[rustfmt::skip]
 const PIECES: &[&str] = &[
     "/", "/", "/", "?", "&", "=", ".", "..", "%2e", "%2E", "%2f", "%5c", "%5C", "%3b", "%25", "%00", "%0a", "%c0",
     "%zz", "%4", "%41", "\\", ";", "..;", "a", "b", "gpt-4o", "deployments", "{", "}", "|", "^", "`", "\"", "<", ">",
