@@ -26,6 +26,7 @@ import socket
 import sys
 import time
 
+sys.dont_write_bytecode = True  # no bench/__pycache__ from the import below
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from stream_probe import CHAT_PATH, STREAM_BODY, ChunkedEvents, split_addr  # noqa: E402
 
@@ -395,7 +396,7 @@ def cmd_report(a):
     L.append("| scenario | target | completed / refused / broken | first event p50 / p99 | last event p50 / p99 | "
              "peak RSS | RSS per stream | RSS " + (f"{settle} s after" if settle is not None else "after") +
              " | CPU per event | threads peak / after | listen overflows |")
-    L.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    L.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for x in runs:
         settled_rss = x.get("rss_settled_kib", x.get("rss_after_run_kib"))
         settled_thr = x.get("threads_settled", x.get("threads_after_run"))
@@ -403,7 +404,8 @@ def cmd_report(a):
             f"| {x['scenario']} | {NAMES.get(x['target'], x['target'])} | {x['completed']} / {x['refused']} / "
             f"{x['broken']} | {fmt(x['first_event_ms_p50'], 1)} / {fmt(x['first_event_ms_p99'], 1)} ms | "
             f"{fmt(x['last_event_ms_p50'] and x['last_event_ms_p50'] / 1e3, 2)} / "
-            f"{fmt(x['last_event_ms_p99'] and x['last_event_ms_p99'] / 1e3, 2)} s | {mib(x['peak_rss_kib'])} | "
+            f"{fmt(x['last_event_ms_p99'] and x['last_event_ms_p99'] / 1e3, 2)} s | {mib(x['idle_rss_kib'])} | "
+            f"{mib(x['peak_rss_kib'])} | "
             f"{fmt(x['rss_per_stream_kib'], 1)} KiB | {mib(settled_rss)} | {fmt(x['cpu_us_per_event'], 1)} µs | "
             f"{x['threads_peak']} / {settled_thr} | {x['listen_overflows']} |")
     L.append("")
@@ -419,7 +421,8 @@ def cmd_report(a):
                  f"({fmt(x['start_lag_ms_max'], 1)} ms) | {fmt(x['wall_s'], 1)} s |")
     L.append("")
     L.append("peak RSS = VmHWM summed over the server's processes (nginx: master + workers; direct: the upstream), "
-             "reset at the start of each run; RSS per stream = (peak − RSS before the run) ÷ N. CPU per event = "
+             "reset at the start of each run (a sum over processes counts shared pages once per "
+             "process: compare nginx by RSS per stream); RSS per stream = (peak − RSS before the run) ÷ N. CPU per event = "
              "the server's utime+stime over the run ÷ events received by the clients. threads = /proc Threads summed, "
              "sampled every 100 ms. listen overflows = TcpExtListenOverflows during the run (system-wide; on this "
              "otherwise idle loopback it is the target's listener). For direct, the settled figures are taken while "
