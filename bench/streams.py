@@ -113,13 +113,13 @@ def listen_counters():
 # --------------------------------------------------------------------------------------------------------
 
 class Stream:
-    __slots__ = ("i", "sock", "sched", "start", "connected", "first", "last", "status", "events", "done",
-                 "error", "parser", "finished")
+    __slots__ = ("i", "sock", "sched", "start", "connected", "status_at", "first", "last", "status", "events",
+                 "done", "error", "parser", "finished")
 
     def __init__(self, i, sched):
         self.i, self.sched = i, sched
         self.sock = None
-        self.start = self.connected = self.first = self.last = None
+        self.start = self.connected = self.status_at = self.first = self.last = None
         self.status = None
         self.events = 0
         self.done = False
@@ -231,6 +231,7 @@ def cmd_run(a):
             return
         if s.parser.status is not None and s.status is None:
             s.status = s.parser.status
+            s.status_at = now
             if s.status != 200:
                 finish(s)
                 return
@@ -289,6 +290,15 @@ def cmd_run(a):
     lasts = [ms(s.last, s) for s in completed]
     connects = [ms(s.connected, s) for s in streams if s.connected is not None]
     lags = [(s.start - s.sched) * 1e3 for s in streams if s.start is not None]
+    refusals = [ms(s.status_at, s) for s in refused]
+    # Streams open at once (between their first and last event), at the busiest moment: what the server really
+    # held, which is less than N when it refuses or queues.
+    spans = [s for s in streams if s.first is not None and s.last is not None]
+    edges = sorted([(s.first, 1) for s in spans] + [(s.last, -1) for s in spans])
+    open_now = peak_open = 0
+    for _, step in edges:
+        open_now += step
+        peak_open = max(peak_open, open_now)
     errors = {}
     for s in broken:
         key = s.error or "unknown"
@@ -309,6 +319,8 @@ def cmd_run(a):
         "first_event_ms_max": r(max(firsts) if firsts else None),
         "last_event_ms_p50": r(percentile(lasts, 50)), "last_event_ms_p99": r(percentile(lasts, 99)),
         "last_event_ms_max": r(max(lasts) if lasts else None),
+        "refused_ms_p50": r(percentile(refusals, 50)), "refused_ms_p99": r(percentile(refusals, 99)),
+        "streams_open_peak": peak_open,
         "connect_ms_p50": r(percentile(connects, 50), 2), "connect_ms_p99": r(percentile(connects, 99), 2),
         "connect_ms_max": r(max(connects) if connects else None, 2),
         "start_lag_ms_p99": r(percentile(lags, 99), 2), "start_lag_ms_max": r(max(lags) if lags else None, 2),
@@ -317,6 +329,7 @@ def cmd_run(a):
         "pids": pids, "processes": len(pids),
         "idle_rss_kib": idle["VmRSS"], "peak_rss_kib": peak_kib, "peak_rss_from_vmhwm": hwm_reset,
         "rss_per_stream_kib": round((peak_kib - idle["VmRSS"]) / a.n, 2),
+        "rss_per_open_stream_kib": round((peak_kib - idle["VmRSS"]) / peak_open, 2) if peak_open else None,
         "rss_after_run_kib": after["VmRSS"],
         "threads_idle": idle["Threads"], "threads_peak": peak_threads, "threads_after_run": after["Threads"],
         "server_cpu_s": round(cpu, 3),
@@ -409,24 +422,28 @@ def cmd_report(a):
             f"{fmt(x['rss_per_stream_kib'], 1)} KiB | {mib(settled_rss)} | {fmt(x['cpu_us_per_event'], 1)} µs | "
             f"{x['threads_peak']} / {settled_thr} | {x['listen_overflows']} |")
     L.append("")
-    L.append("| scenario | target | refused statuses | broken because | connect p99 / max | upstream CPU | "
-             "load-generator CPU (start lag max) | wall |")
-    L.append("|---|---|---|---|---:|---:|---:|---:|")
+    L.append("| scenario | target | refused statuses (after p50 / p99) | broken because | streams open at peak "
+             "(RSS per open stream) | connect p99 / max | upstream CPU | load-generator CPU (start lag max) | wall |")
+    L.append("|---|---|---|---|---:|---:|---:|---:|---:|")
     for x in runs:
         st = ", ".join(f"{k}: {v}" for k, v in sorted(x["refused_statuses"].items())) or "—"
+        if x["refused"]:
+            st += f" ({fmt(x.get('refused_ms_p50'), 1)} / {fmt(x.get('refused_ms_p99'), 1)} ms)"
         br = ", ".join(f"{k}: {v}" for k, v in sorted(x["broken_reasons"].items())) or "—"
         L.append(f"| {x['scenario']} | {NAMES.get(x['target'], x['target'])} | {st} | {br} | "
+                 f"{x.get('streams_open_peak', 'n/a')} ({fmt(x.get('rss_per_open_stream_kib'), 1)} KiB) | "
                  f"{fmt(x['connect_ms_p99'], 1)} / {fmt(x['connect_ms_max'], 1)} ms | "
                  f"{fmt(x['upstream_cpu_cores'], 2)} | {fmt(x['loadgen_cpu_cores'], 2)} "
                  f"({fmt(x['start_lag_ms_max'], 1)} ms) | {fmt(x['wall_s'], 1)} s |")
     L.append("")
     L.append("peak RSS = VmHWM summed over the server's processes (nginx: master + workers; direct: the upstream), "
-             "reset at the start of each run (a sum over processes counts shared pages once per "
-             "process: compare nginx by RSS per stream); RSS per stream = (peak − RSS before the run) ÷ N. CPU per event = "
-             "the server's utime+stime over the run ÷ events received by the clients. threads = /proc Threads summed, "
-             "sampled every 100 ms. listen overflows = TcpExtListenOverflows during the run (system-wide; on this "
-             "otherwise idle loopback it is the target's listener). For direct, the settled figures are taken while "
-             "the upstream serves the later targets.")
+             "reset at the start of each run; a sum over processes counts shared pages once per process, so compare "
+             "nginx by RSS per stream. RSS per stream = (peak − RSS before the run) ÷ N; per open stream: ÷ the most "
+             "streams that were between their first and last event at one moment. refused after = connect to the "
+             "status line. CPU per event = the server's utime+stime over the run ÷ events received by the clients. "
+             "threads = /proc Threads summed, sampled every 100 ms. listen overflows = TcpExtListenOverflows during "
+             "the run: counted for the whole network namespace, so other activity on the machine adds to it. For "
+             "direct, the settled figures are taken while the upstream serves the later targets.")
     L.append("")
     md = "\n".join(L) + "\n"
     doc = {"settings": meta, "runs": runs}

@@ -94,6 +94,8 @@ done
 # Every stream is an fd at the client, and two at a proxy (client + upstream); 10,000 streams through a proxy
 # need more than the usual 20,000 or 1,024. Root may raise the hard limit; others get what the hard limit allows.
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
+HARD_NOFILE="$(ulimit -Hn)"
+[ "$HARD_NOFILE" = unlimited ] && HARD_NOFILE=1048576
 log "open-files limit $(ulimit -n) (inherited by every process started here)"
 
 rm -rf "$WORK"
@@ -147,7 +149,7 @@ worker_processes auto;
 daemon off;
 pid logs/nginx.pid;
 error_log logs/error.log warn;
-worker_rlimit_nofile $((4 * $1 + 4096));
+worker_rlimit_nofile $(( 4 * $1 + 4096 < HARD_NOFILE ? 4 * $1 + 4096 : HARD_NOFILE ));
 events { worker_connections $((2 * $1 + 1024)); }
 http {
     client_body_temp_path tmp/body; proxy_temp_path tmp/proxy; fastcgi_temp_path tmp/fastcgi;
@@ -233,6 +235,9 @@ for sc in "${SCENARIOS[@]}"; do
     if [ "$n" -gt 4000 ]; then
         config="$WORK/proxy-$n.json"
         printf '{\n%s,\n  "workers": %d,\n  "max_connections": %d\n}\n' "$(instances)" "$n" $((n + 1024)) >"$config"
+    fi
+    if [ $((2 * n + 1024)) -gt "$HARD_NOFILE" ]; then
+        log "warning: $n streams through a proxy need ~$((2 * n + 1024)) descriptors in it; the limit here is $HARD_NOFILE"
     fi
     log "$name: $n streams, $( [ "$kind" = burst ] && echo "all at once" || echo "over ${ramp} s"), direct / nginx / azure-proxy ($(basename "$config"))"
     nginx_conf "$n"
