@@ -407,7 +407,7 @@ def cmd_report(a):
              f"{meta.get('proxy_config', 'default configuration')}. nginx: {meta.get('nginx_config', '?')}.")
     L.append("")
     L.append("| scenario | target | completed / refused / broken | first event p50 / p99 | last event p50 / p99 | "
-             "peak RSS | RSS per stream | RSS " + (f"{settle} s after" if settle is not None else "after") +
+             "idle RSS | peak RSS | RSS per stream | RSS " + (f"{settle:g} s after" if settle is not None else "after") +
              " | CPU per event | threads peak / after | listen overflows |")
     L.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for x in runs:
