@@ -404,7 +404,10 @@ def cmd_report(a):
              f"once; per scenario the targets run one after the other (direct first, to show the load generator "
              f"keeps up), each on a freshly started server. Times from just before connect; first event over the "
              f"streams that got one, last event over the completed ones. azure-proxy: "
-             f"{meta.get('proxy_config', 'default configuration')}. nginx: {meta.get('nginx_config', '?')}.")
+             f"{meta.get('proxy_config', 'default configuration')}. nginx: {meta.get('nginx_config', '?')}."
+             + (" Listen backlogs in effect: " + ", ".join(f"{NAMES.get(k, k)} {v}" for k, v in
+                                                         meta["listen_backlog"].items()) + "."
+                if meta.get("listen_backlog") else ""))
     L.append("")
     L.append("| scenario | target | completed / refused / broken | first event p50 / p99 | last event p50 / p99 | "
              "idle RSS | peak RSS | RSS per stream | RSS " + (f"{settle:g} s after" if settle is not None else "after") +
