@@ -3,8 +3,9 @@
 
   report.py wrk FILE --target T --conns N --round R [--upstream-cpu X] [--server-cpu X]
       prints one JSON line for one wrk run (bench/run.sh appends it to WORK/wrk.jsonl)
-  report.py assemble WORK --md OUT.md --json OUT.json
+  report.py assemble WORK --md OUT.md --json OUT.json [--streams-md MD --streams-json JSON]
       reads WORK/{wrk.jsonl,meta.json,stream.json,streams.json,startup.json,memory.json}, writes both files
+      (with bench/streams.sh's concurrent-streams section when given)
 """
 
 import argparse
@@ -274,6 +275,9 @@ def cmd_assemble(a):
     L.append(f"| process start → first served `GET /healthz` | {su} |")
     L.append("")
     md = "\n".join(L) + "\n"
+    if a.streams_md:  # the concurrent-streams section, as bench/streams.sh wrote it
+        with open(a.streams_md) as f:
+            md += "\n" + f.read()
 
     doc = {
         "machine": {k: meta.get(k) for k in ("nproc", "cpu_model", "kernel", "date", "hostname")},
@@ -286,6 +290,7 @@ def cmd_assemble(a):
         "startup": startup,
         "memory_and_size": memory,
         "targets": target_rows,
+        "concurrent_streams": load(a.streams_json) if a.streams_json else None,
     }
     os.makedirs(os.path.dirname(os.path.abspath(a.md)), exist_ok=True)
     with open(a.md, "w") as f:
@@ -311,6 +316,8 @@ def main():
     s.add_argument("work")
     s.add_argument("--md", required=True)
     s.add_argument("--json", required=True)
+    s.add_argument("--streams-md", help="bench/streams.sh's Markdown, appended")
+    s.add_argument("--streams-json", help="bench/streams.sh's JSON, included as concurrent_streams")
     a = p.parse_args()
     cmd_wrk(a) if a.cmd == "wrk" else cmd_assemble(a)
 

@@ -5,11 +5,24 @@
 # Knobs (environment): BENCH_DURATION (s per wrk run, 5), BENCH_ROUNDS (3), BENCH_CONNS ("1 16 64"),
 # BENCH_WARMUP (s per target before each concurrency, 1), BENCH_PORT_BASE (23100), BENCH_UPSTREAM_WORKERS (auto),
 # BENCH_STREAM_REPS (10), BENCH_STREAMS (256), BENCH_STARTUP_REPS (5), BENCH_STATIC_REBUILD (0),
-# BENCH_PROXY_BIN / BENCH_MOCK_BIN (benchmark these binaries instead of building target/release/...).
+# BENCH_PROXY_BIN / BENCH_MOCK_BIN (benchmark these binaries instead of building target/release/...),
+# BENCH_SCENARIOS ("load streams": "load" is everything above, "streams" the concurrent streams of bench/streams.sh
+# with its own BENCH_STREAM* knobs).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
 ROOT=$PWD
+
+SCENARIOS="${BENCH_SCENARIOS:-load streams}"
+for s in $SCENARIOS; do
+    [[ "$s" =~ ^(load|streams)$ ]] || { echo "bench: BENCH_SCENARIOS lists load and/or streams, got '$s'" >&2; exit 2; }
+done
+has_scenario() { [[ " $SCENARIOS " == *" $1 "* ]]; }
+if ! has_scenario load; then
+    # Streams only: bench/results/latest.{md,json} (the load figures) stay as they are.
+    has_scenario streams || { echo "bench: BENCH_SCENARIOS is empty" >&2; exit 2; }
+    exec bash bench/streams.sh
+fi
 
 DURATION="${BENCH_DURATION:-5}"
 ROUNDS="${BENCH_ROUNDS:-3}"
@@ -480,6 +493,13 @@ json.dump(meta, open(sys.argv[1], "w"), indent=2)
 EOF
 
 cleanup
+streams_args=()
+if has_scenario streams; then
+    # After the load processes are gone, so that the two parts never share the cores. The binaries just built.
+    log "concurrent streams (bench/streams.sh)"
+    BENCH_PROXY_BIN="$PROXY_BIN" bash bench/streams.sh >/dev/null
+    streams_args=(--streams-md "$RESULTS/streams-latest.md" --streams-json "$RESULTS/streams-latest.json")
+fi
 log "all processes stopped; writing bench/results/latest.md and latest.json"
 echo
-"$PY" bench/report.py assemble "$WORK" --md "$RESULTS/latest.md" --json "$RESULTS/latest.json"
+"$PY" bench/report.py assemble "$WORK" --md "$RESULTS/latest.md" --json "$RESULTS/latest.json" "${streams_args[@]}"
