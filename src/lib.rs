@@ -30,6 +30,7 @@ pub mod serve;
 pub mod server;
 pub mod state;
 pub mod stream;
+pub mod sys;
 pub mod upstream;
 
 pub use config::Config;

@@ -11,8 +11,8 @@ use std::time::Duration;
 /// Upper bounds of the latency histograms, in seconds: an LLM request spans milliseconds to minutes.
 const BUCKETS: [f64; 14] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0];
 /// How much of the end of a response is kept to find its `usage` object (it comes last in Azure's JSON and
-/// in the final SSE chunk).
-pub const USAGE_TAIL_BYTES: usize = 4096;
+/// in the final SSE chunk, which is about 600 bytes with every `*_details` field). Held by every open stream.
+pub const USAGE_TAIL_BYTES: usize = 2048;
 
 pub struct Histogram {
     counts: [AtomicU64; BUCKETS.len()],
@@ -235,6 +235,8 @@ pub struct UsageTail {
 
 impl UsageTail {
     pub fn push(&mut self, bytes: &[u8]) {
+        // Exactly the tail's size, once: growing by doubling would hold up to twice that per open stream.
+        self.buf.reserve_exact(USAGE_TAIL_BYTES.saturating_sub(self.buf.capacity()));
         if bytes.len() >= USAGE_TAIL_BYTES {
             self.buf.clear();
             self.buf.extend_from_slice(&bytes[bytes.len() - USAGE_TAIL_BYTES..]);

@@ -47,6 +47,8 @@ pub struct Pool {
     born: Instant,
     /// Workers asked to exit (surplus found at the end of a period); each exiting worker takes one.
     to_retire: AtomicUsize,
+    /// Workers that exited since the heap was last trimmed.
+    retired: AtomicUsize,
     /// Most threads alive at once since start (for the benchmark and metrics).
     peak: AtomicUsize,
     /// Jobs taken off the channel so far, by workers or by the front thread expiring them.
@@ -71,6 +73,7 @@ impl Pool {
             period_start_ms: AtomicU64::new(0),
             born: Instant::now(),
             to_retire: AtomicUsize::new(0),
+            retired: AtomicUsize::new(0),
             peak: AtomicUsize::new(0),
             taken: AtomicU64::new(0),
             next_id: AtomicU64::new(0),
@@ -84,8 +87,12 @@ impl Pool {
     }
 
     /// Called by the front thread after queueing a job: starts a worker when none is idle to take it.
+    ///
+    /// A worker that has just taken a job still counts as idle for an instant, so the front can miss that the
+    /// job it queued has nobody left to take it; the worker checks the same thing from its side right after it
+    /// stops counting itself (`work`). Each side writes before it reads (SeqCst), so one of them sees the other.
     pub fn on_queued(self: &Arc<Self>) {
-        if self.jobs.len() > self.idle.load(Ordering::Acquire) {
+        if self.jobs.len() > self.idle.load(Ordering::SeqCst) {
             self.grow();
         }
     }
@@ -153,8 +160,11 @@ impl Pool {
             match self.jobs.recv_timeout(self.idle_after) {
                 Ok(job) => {
                     self.taken.fetch_add(1, Ordering::AcqRel);
-                    let now_idle = self.idle.fetch_sub(1, Ordering::AcqRel) - 1;
+                    let now_idle = self.idle.fetch_sub(1, Ordering::SeqCst) - 1;
                     self.idle_low.fetch_min(now_idle, Ordering::AcqRel);
+                    if now_idle == 0 && !self.jobs.is_empty() {
+                        self.grow();
+                    }
                     self.serve_connection(job);
                     self.idle.fetch_add(1, Ordering::AcqRel);
                 }
@@ -179,6 +189,11 @@ impl Pool {
         if self.period_start_ms.compare_exchange(start, now, Ordering::AcqRel, Ordering::Acquire).is_err() {
             return; // another worker ended this period
         }
+        // The workers that exited during the last period have freed their buffers by now: give the pages back
+        // (see `sys::release_free_heap`), once per period at most.
+        if self.retired.swap(0, Ordering::AcqRel) > 0 {
+            crate::sys::release_free_heap();
+        }
         let idle_now = self.idle.load(Ordering::Acquire);
         let never_needed = self.idle_low.swap(idle_now, Ordering::AcqRel).min(idle_now);
         let live = self.live.load(Ordering::Acquire);
@@ -200,6 +215,9 @@ impl Pool {
             return false;
         }
         self.idle.fetch_sub(1, Ordering::AcqRel);
+        self.retired.fetch_add(1, Ordering::AcqRel);
+        // glibc keeps an exited thread's stack for reuse, resident pages and all: leave it with none.
+        crate::sys::trim_stack();
         true
     }
 

@@ -17,8 +17,10 @@ use crate::redact::Secrets;
 
 pub struct State {
     pub config: Config,
-    /// One agent: its connection pool is shared, so upstream TCP/TLS connections are reused across workers.
-    pub agent: Agent,
+    /// The upstream agents: their connection pools are shared, so upstream TCP/TLS connections are reused across
+    /// workers. `agents.small` carries every request whose head fits its small output buffer (nearly all);
+    /// `agents.large` the rest. See `Agents`.
+    pub agents: Agents,
     pub balancer: Balancer,
     pub guard: Guard,
     /// Counters since start; the same `Metrics` across reloads.
@@ -57,9 +59,9 @@ impl State {
             instance_keys.push(v);
         }
         let secrets = Secrets::new(config.secrets());
-        let agent = match previous {
-            Some(p) if agent_settings(&p.config) == agent_settings(&config) => p.agent.clone(),
-            _ => build_agent(&config),
+        let agents = match previous {
+            Some(p) if agent_settings(&p.config) == agent_settings(&config) => p.agents.clone(),
+            _ => Agents::new(&config),
         };
         let balancer = match previous {
             Some(p) => Balancer::carry_over(&config.instances, &config.routing, &p.balancer),
@@ -71,7 +73,7 @@ impl State {
         };
         let metrics = previous.map(|p| Arc::clone(&p.metrics)).unwrap_or_default();
         Ok(State {
-            agent,
+            agents,
             balancer,
             metrics,
             maps_deployments: config.instances.iter().any(|i| !i.deployments.is_empty() || i.deployments_only),
@@ -160,13 +162,45 @@ impl Shared {
     }
 }
 
-/// Per-connection ureq buffer size (see `build_agent`).
-const UPSTREAM_BUFFER_BYTES: usize = 16 * 1024;
+/// ureq's input buffer per upstream connection: it holds a response head (it grows by itself for a larger one)
+/// and each piece of body handed over. 4 KiB: an SSE event is well under 1 KiB. (ureq grows it to 10 KiB while it
+/// sends a request body, which it reads through the buffer's free space; that is ureq's own minimum.)
+const UPSTREAM_INPUT_BYTES: usize = 4 * 1024;
+/// ureq's output buffer per upstream connection of the small agent: the request head must fit it whole (ureq
+/// refuses a larger one); a body goes out through it in pieces of this size. SDK requests carry about 1 KiB of
+/// head; measured per open stream, every KiB here is a KiB of each stream's memory.
+pub const SMALL_OUTPUT_BYTES: usize = 4 * 1024;
 
-/// The upstream client, set up as a proxy needs it (library notes §2): statuses are answers, not errors;
-/// redirects go back to the client; no environment proxy; nothing added to the client's headers; connect,
-/// response-head and per-read timeouts only, because a whole-body timeout would cut long streams.
-fn build_agent(config: &Config) -> Agent {
+/// Two agents that differ only in their output buffer. ureq allocates it, zero-filled, per connection and keeps
+/// it for the connection's life, and it must hold the whole request head: sized for `max_head_bytes` (32 KiB) it
+/// was the largest part of every open stream's memory, while real heads are around 1 KiB. So requests whose head
+/// fits `SMALL_OUTPUT_BYTES` (all but odd ones) use `small`, the others `large`, each with its own pool.
+#[derive(Clone)]
+pub struct Agents {
+    pub small: Agent,
+    pub large: Agent,
+}
+
+impl Agents {
+    fn new(config: &Config) -> Agents {
+        Agents {
+            small: build_agent(config, SMALL_OUTPUT_BYTES),
+            large: build_agent(config, SMALL_OUTPUT_BYTES.max(config.max_head_bytes + 1024)),
+        }
+    }
+
+    /// The agent for a request whose head (request line and headers) is about `head_bytes` long.
+    pub fn for_head(&self, head_bytes: usize) -> &Agent {
+        // Room for what ureq adds (Host, Content-Length) and rounding in the estimate.
+        if head_bytes + 512 <= SMALL_OUTPUT_BYTES {
+            &self.small
+        } else {
+            &self.large
+        }
+    }
+}
+
+fn build_agent(config: &Config, output_bytes: usize) -> Agent {
     let idle_per_host = config.upstream_idle_per_instance;
     let proxy = match &config.egress_proxy {
         EgressProxy::Direct => None,
@@ -193,10 +227,9 @@ fn build_agent(config: &Config) -> Agent {
         // attempts) instead, and the connect timeout starts after them.
         .timeout_recv_response(Some(config.upstream_response_timeout))
         .timeout_per_read(Some(config.upstream_read_timeout))
-        // 128 KiB each by default, per upstream connection: 256 open streams held 84 MiB. The input buffer grows
-        // by itself for a larger response head; the output buffer must hold our request head.
-        .input_buffer_size(UPSTREAM_BUFFER_BYTES)
-        .output_buffer_size(UPSTREAM_BUFFER_BYTES.max(config.max_head_bytes + 1024))
+        // 128 KiB each by default, per upstream connection: 256 open streams held 84 MiB (see `Agents`).
+        .input_buffer_size(UPSTREAM_INPUT_BYTES)
+        .output_buffer_size(output_bytes)
         .max_idle_connections(idle_per_host * config.instances.len())
         .max_idle_connections_per_host(idle_per_host)
         .build()

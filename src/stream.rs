@@ -151,7 +151,9 @@ pub fn stream_response(
     let pending_head = if matches!(out, Out::Length(_)) {
         head
     } else {
-        if client.write_all(&head).is_err() {
+        let written = client.write_all(&head);
+        drop(head); // not held for the stream's life
+        if written.is_err() {
             return relayed.gone();
         }
         Vec::new()
@@ -160,6 +162,11 @@ pub fn stream_response(
         return relayed;
     }
     // An error body may echo the key the upstream received; a 2xx body is the model's and streams untouched.
+    if sse {
+        // A stream holds this thread for as long as the model writes; it should not also hold the stack pages
+        // that connecting to the upstream touched (see `sys`).
+        crate::sys::trim_stack();
+    }
     watch.mask = (status >= 300).then(|| watch.tally.secrets.stream());
     copy_body(body.into_reader(), client, out, pending_head, &mut relayed, &mut watch);
     relayed

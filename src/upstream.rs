@@ -122,19 +122,25 @@ fn run<B: AsSendBody>(
     req: http::Request<B>,
 ) -> Result<http::Response<ureq::Body>, ureq::Error> {
     let inst = &state.config.instances[idx];
+    let agent = state.agents.for_head(head_len(&req));
     if !inst.has_timeout_overrides() {
-        return state.agent.run(req);
+        return agent.run(req);
     }
     // Per-instance timeouts: a request-level copy of the agent's configuration, made only for such instances.
     let cfg = &state.config;
-    let req = state
-        .agent
+    let req = agent
         .configure_request(req)
         .timeout_connect(Some(inst.connect_timeout.unwrap_or(cfg.connect_timeout)))
         .timeout_recv_response(Some(inst.upstream_response_timeout.unwrap_or(cfg.upstream_response_timeout)))
         .timeout_per_read(Some(inst.upstream_read_timeout.unwrap_or(cfg.upstream_read_timeout)))
         .build();
-    state.agent.run(req)
+    agent.run(req)
+}
+
+/// About how long the request's head will be on the wire: request line and header lines.
+fn head_len<B>(req: &http::Request<B>) -> usize {
+    let line = req.method().as_str().len() + req.uri().path_and_query().map_or(1, |p| p.as_str().len()) + 12;
+    line + req.headers().iter().map(|(n, v)| n.as_str().len() + v.len() + 4).sum::<usize>() + 2
 }
 
 /// The deployment a request names: the path segment after `/openai/deployments/`, or, on `/openai/v1/` routes,

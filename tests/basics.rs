@@ -197,3 +197,20 @@ fn bodies_keep_their_length_and_bodiless_requests_stay_bodiless() {
     assert_eq!((seen.header("content-length"), seen.header("transfer-encoding")), (None, None));
     assert!(seen.body.is_empty());
 }
+
+#[test]
+fn heads_larger_than_the_small_upstream_buffer_and_large_bodies_are_forwarded_whole() {
+    // Most requests go through an agent whose output buffer holds a 4 KiB head; larger heads take the other one.
+    let m = ok_mock("east", "key0");
+    let p = proxy::start(&[&m]);
+    let big = "v".repeat(12 * 1024);
+    let body = format!(r#"{{"messages":[{{"role":"user","content":"{}"}}]}}"#, "x".repeat(200_000));
+    for (i, header) in ["small", big.as_str()].into_iter().enumerate() {
+        let headers = [("api-key", "client-key"), ("Content-Type", "application/json"), ("x-big", header)];
+        let r = call(p.addr, "POST", CHAT, &headers, body.as_bytes());
+        assert_eq!(r.status, 200, "request {i}: {}", r.text());
+        let seen = m.last_request().expect("forwarded");
+        assert_eq!(seen.header("x-big"), Some(header), "request {i}");
+        assert!(seen.body == body.as_bytes(), "request {i}: body of {} bytes", seen.body.len());
+    }
+}

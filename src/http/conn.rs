@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 /// Bytes asked for per `read` call.
-const READ_SIZE: usize = 16 * 1024;
+const READ_SIZE: usize = 4 * 1024;
 
 pub struct Conn {
     pub stream: ClientStream,

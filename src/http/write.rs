@@ -7,8 +7,10 @@ use std::ops::Range;
 
 /// Room before a chunk's data for its size line: up to 16 hex digits and CRLF.
 pub const CHUNK_PREFIX: usize = 18;
-/// Upstream bytes read per chunk; each read becomes one chunk, written and flushed at once.
-pub const CHUNK_DATA: usize = 16 * 1024;
+/// Upstream bytes read per chunk; each read becomes one chunk, written and flushed at once. ureq hands a body
+/// over from its per-connection input buffer (4 KiB, see `state::build_agent`), so no read returns more: a larger
+/// buffer here would only be memory every streaming worker holds. An SSE event is well under 1 KiB.
+pub const CHUNK_DATA: usize = 4 * 1024;
 /// Size of a buffer for [`frame_chunk`]: prefix, data, trailing CRLF.
 pub const CHUNK_BUF: usize = CHUNK_PREFIX + CHUNK_DATA + 2;
 
@@ -121,7 +123,8 @@ mod tests {
         let r = frame_chunk(&mut buf, 26);
         assert_eq!(&buf[r], b"1a\r\nabcdefghijklmnopqrstuvwxyz\r\n");
         let r = frame_chunk(&mut buf, CHUNK_DATA);
-        assert!(buf[r].starts_with(b"4000\r\n"));
+        let size_line = format!("{CHUNK_DATA:x}\r\n");
+        assert!(buf[r].starts_with(size_line.as_bytes()));
     }
 
     #[test]
