@@ -5,7 +5,8 @@
 # alone by `make bench-streams`.
 #
 # Knobs (environment): BENCH_STREAM_NS ("500 1000 2000": streams ramped over BENCH_STREAMS_RAMP_S, 1 s),
-# BENCH_STREAMS_BURST (2000 started at once; empty: none), BENCH_STREAMS_10K (0; 1 adds 10,000 ramped, with the
+# BENCH_STREAMS_BURST (2000 started at once; empty: none), BENCH_STREAMS_10K (0; 1 adds BENCH_STREAMS_BIG_N, default
+# 10,000, ramped, with the
 # proxy's workers and max_connections raised to fit), BENCH_STREAMS_SETTLE (60 s), BENCH_STREAMS_EVENTS (20),
 # BENCH_STREAMS_DELAY_MS (500), BENCH_STREAMS_TIMEOUT (120 s per stream), BENCH_STREAMS_PORT_BASE (23200),
 # BENCH_PROXY_BIN / BENCH_UPSTREAM_BIN (use these binaries instead of building).
@@ -17,6 +18,7 @@ ROOT=$PWD
 NS="${BENCH_STREAM_NS:-500 1000 2000}"
 BURST="${BENCH_STREAMS_BURST-2000}"
 TENK="${BENCH_STREAMS_10K:-0}"
+BIG_N="${BENCH_STREAMS_BIG_N:-10000}"
 SETTLE="${BENCH_STREAMS_SETTLE:-60}"
 EVENTS="${BENCH_STREAMS_EVENTS:-20}"
 DELAY_MS="${BENCH_STREAMS_DELAY_MS:-500}"
@@ -32,7 +34,7 @@ PROXY_BIN="${BENCH_PROXY_BIN:-$ROOT/target/release/azure-proxy}"
 UPSTREAM_BIN="${BENCH_UPSTREAM_BIN:-$ROOT/target/release/examples/sse_upstream}"
 PY="${PYTHON:-python3}"
 
-for v in SETTLE EVENTS DELAY_MS TIMEOUT PORT_BASE TENK; do
+for v in SETTLE EVENTS DELAY_MS TIMEOUT PORT_BASE TENK BIG_N; do
     [[ "${!v}" =~ ^[0-9]+$ ]] || { echo "bench: BENCH_STREAMS_$v must be a whole number, got '${!v}'" >&2; exit 2; }
 done
 for n in $NS $BURST; do
@@ -194,8 +196,8 @@ start_nginx() { # sets NGX_PID
 
 # ------------------------------------------------------------------------------------------------------------
 # azure-proxy: the default configuration (listen address, the three instances, one client key). For 10,000
-# streams only the two bounds that would refuse them are raised: workers (a stream holds a worker) and
-# max_connections (default 4096).
+# streams (more than the default pool bound of 4,096) only the two bounds that would refuse them are raised:
+# workers (a stream holds a worker) and max_connections (default 4096).
 # ------------------------------------------------------------------------------------------------------------
 instances() {
     cat <<EOF
@@ -223,7 +225,7 @@ start_proxy() { # start_proxy CONFIG: sets PROXY_PID
 SCENARIOS=()
 for n in $NS; do SCENARIOS+=("ramp:$n"); done
 [ -n "$BURST" ] && SCENARIOS+=("burst:$BURST")
-[ "$TENK" = 1 ] && SCENARIOS+=("ramp:10000")
+[ "$TENK" = 1 ] && SCENARIOS+=("ramp:$BIG_N")
 
 RUN_FILES=()
 declare -A BACKLOG=()
@@ -276,12 +278,12 @@ GIT_DIRTY=false
 import json, os, platform, sys
 meta = {
     "date": "$(date -u +%Y-%m-%dT%H:%M:%SZ)", "nproc": os.cpu_count(), "kernel": platform.release(),
-    "command": "$COMMAND (BENCH_STREAM_NS='$NS' BENCH_STREAMS_BURST='$BURST' BENCH_STREAMS_10K=$TENK BENCH_STREAMS_SETTLE=$SETTLE)",
+    "command": "$COMMAND (BENCH_STREAM_NS='$NS' BENCH_STREAMS_BURST='$BURST' BENCH_STREAMS_10K=$TENK BENCH_STREAMS_BIG_N=$BIG_N BENCH_STREAMS_SETTLE=$SETTLE)",
     "git_commit": "$GIT_COMMIT", "git_dirty": "$GIT_DIRTY" == "true",
     "ramp_s": $RAMP_S, "events": $EVENTS, "event_delay_ms": $DELAY_MS, "settle_s": $SETTLE, "timeout_s": $TIMEOUT,
     "open_files_limit": $(ulimit -n), "somaxconn": int(open("/proc/sys/net/core/somaxconn").read()),
     "listen_backlog": {"direct": "${BACKLOG[direct]:-?}", "nginx": "${BACKLOG[nginx]:-?}", "proxy": "${BACKLOG[proxy]:-?}"},
-    "proxy_config": "default configuration (listen, 3 instances, 1 client key: 64 workers, queue 256, max_connections 4096; for more than 4,000 streams workers = N and max_connections = N + 1024)",
+    "proxy_config": "default configuration (listen, 3 instances, 1 client key: up to 4096 workers started on demand, queue 256, max_connections 4096; for more than 4,000 streams workers = N and max_connections = N + 1024)",
     "nginx_config": "worker_processes auto, proxy_buffering off, proxy_http_version 1.1, upstream keepalive 64, worker_connections 2N+1024, worker_rlimit_nofile 4N+4096, listen backlog=4096, access log on",
     "nginx": "$("$NGINX" -v 2>&1 | head -1)",
 }

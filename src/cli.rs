@@ -14,7 +14,8 @@ USAGE:
 OPTIONS:
     --config PATH     JSON config file (env AZURE_PROXY_CONFIG, default azure_instances.json)
     --listen ADDR     address to listen on (env AZURE_PROXY_LISTEN, default 0.0.0.0:8000)
-    --workers N       worker threads, i.e. requests served at once (env AZURE_PROXY_WORKERS, default 64)
+    --workers N       most worker threads, i.e. requests served at once; started on demand
+                      (env AZURE_PROXY_WORKERS, default 4096)
     --check-config    validate the configuration, print a summary and exit (0 valid, 2 invalid)
     -h, --help        print this help
     -V, --version     print the version

@@ -42,7 +42,8 @@ pub const DEFAULT_LISTEN_BACKLOG: u32 = 4096;
 pub const MAX_LISTEN_BACKLOG: u32 = 65_535;
 /// Idle upstream connections kept per instance for reuse (each holds ureq's buffers); the rest are closed.
 pub const DEFAULT_UPSTREAM_IDLE_PER_INSTANCE: usize = 64;
-pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
+/// Open client connections: room for `DEFAULT_WORKERS` streams and as many idle or waiting clients.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 8192;
 pub const DEFAULT_MAX_HEAD_BYTES: usize = 32 * 1024;
 pub const DEFAULT_MAX_HEADERS: usize = 100;
 pub const DEFAULT_MAX_BODY_BYTES: u64 = 32 * 1024 * 1024;
