@@ -143,20 +143,8 @@ STARTUP_PORT=$((BASE + 16))                   # start-up probe: one fresh port p
 log "ports ${BASE}-$((BASE + NPORTS - 1)) on 127.0.0.1"
 
 # wait_for LOGFILE TEXT PID: at most 15 s until TEXT appears in LOGFILE.
-wait_for() {
-    local file="$1" text="$2" pid="$3"
-    for _ in $(seq 300); do
-        grep -q "$text" "$file" 2>/dev/null && return 0
-        if ! kill -0 "$pid" 2>/dev/null; then
-            echo "bench: process $pid exited before it was ready; its log ($file):" >&2
-            cat "$file" >&2
-            return 1
-        fi
-        sleep 0.05
-    done
-    echo "bench: timed out waiting for '$text' in $file" >&2
-    return 1
-}
+# shellcheck source=bench/lib.sh
+. "$ROOT/bench/lib.sh"
 
 # expect_200 URL KEY: one POST must answer 200 (a misconfigured target must not be benchmarked as "fast").
 expect_200() {

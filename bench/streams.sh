@@ -109,20 +109,8 @@ NGX_PORT=$((BASE + 3))
 PROXY_PORT=$((BASE + 4))
 log "ports ${BASE}-$((BASE + 7)) on 127.0.0.1"
 
-wait_for() { # wait_for LOGFILE TEXT PID: at most 15 s until TEXT appears in LOGFILE
-    local file="$1" text="$2" pid="$3"
-    for _ in $(seq 300); do
-        grep -q "$text" "$file" 2>/dev/null && return 0
-        if ! kill -0 "$pid" 2>/dev/null; then
-            echo "bench: process $pid exited before it was ready; its log ($file):" >&2
-            cat "$file" >&2
-            return 1
-        fi
-        sleep 0.05
-    done
-    echo "bench: timed out waiting for '$text' in $file" >&2
-    return 1
-}
+# shellcheck source=bench/lib.sh
+. "$ROOT/bench/lib.sh"
 backlog_of() { # backlog_of PORT: the listen backlog the kernel holds for 127.0.0.1:PORT (ss Send-Q)
     ss -Hltn "sport = :$1" 2>/dev/null | awk 'NR == 1 {print $3}'
 }

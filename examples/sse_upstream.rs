@@ -103,7 +103,7 @@ fn main() {
             exit(2);
         }
     };
-    raise_fd_limit();
+    azure_proxy::sys::raise_fd_limit();
     if let Err(e) = run(args) {
         eprintln!("sse_upstream: {e}");
         exit(1);
@@ -508,16 +508,4 @@ fn epoll_ctl(epoll: RawFd, op: i32, fd: RawFd, events: u32) -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     Ok(())
-}
-
-/// Soft open-files limit up to the hard one: every stream is an fd.
-fn raise_fd_limit() {
-    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: `lim` is a valid, writable rlimit for the duration of each call.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
-            lim.rlim_cur = lim.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-        }
-    }
 }

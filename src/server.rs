@@ -6,7 +6,7 @@
 
 use std::io;
 use std::net::{SocketAddr, TcpListener};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::RawFd;
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 
@@ -16,6 +16,7 @@ use crate::front::{Front, Job};
 use crate::lifecycle;
 use crate::pool::Pool;
 use crate::state::{Shared, State};
+use crate::sys;
 
 /// A running proxy.
 pub struct Server {
@@ -60,11 +61,11 @@ pub fn start_from_file(config: Config, source: Overrides) -> io::Result<Server> 
 }
 
 fn launch(config: Config, source: Option<Overrides>) -> io::Result<Server> {
-    raise_fd_limit();
+    sys::raise_fd_limit();
     let listener = TcpListener::bind(config.listen)
         .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {}: {e}", config.listen)))?;
     let addr = listener.local_addr()?;
-    set_backlog(&listener, config.listen_backlog)?;
+    sys::set_backlog(&listener, config.listen_backlog)?;
     let queue_size = config.queue_size;
     let shared = Arc::new(Shared::new(State::new(config).map_err(io::Error::other)?));
     let (jobs_tx, jobs_rx) = crossbeam_channel::bounded::<Job>(queue_size);
@@ -85,31 +86,4 @@ fn launch(config: Config, source: Option<Overrides>) -> io::Result<Server> {
     }
     let front = thread::Builder::new().name("front".into()).spawn(move || front.run())?;
     Ok(Server { addr, front, shared, wake_fd })
-}
-
-/// Sets the listener's backlog: Rust's `bind` uses 128, which a burst of clients overflows (the kernel then
-/// drops their SYNs and they retry after a second). Calling `listen` again on a listening socket only changes
-/// the backlog; the kernel caps it at `net.core.somaxconn`.
-fn set_backlog(listener: &TcpListener, backlog: u32) -> io::Result<()> {
-    let backlog = i32::try_from(backlog).unwrap_or(i32::MAX);
-    // SAFETY: a valid listening socket's fd, for the duration of the call.
-    if unsafe { libc::listen(listener.as_raw_fd(), backlog) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-/// Raises the soft open-files limit to the hard limit: every client and upstream connection is an fd, and the
-/// usual soft limit of 1024 would cap the proxy well below what the machine can serve.
-fn raise_fd_limit() {
-    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: `lim` is a valid, writable rlimit for the duration of each call.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
-            let wanted = libc::rlimit { rlim_cur: lim.rlim_max, rlim_max: lim.rlim_max };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &wanted) != 0 {
-                log::warn!("could not raise the open-files limit from {}", lim.rlim_cur);
-            }
-        }
-    }
 }

@@ -1,11 +1,15 @@
-//! Memory housekeeping that needs the C library: giving back the stack pages a worker touched deep in a call
-//! that is over, and the heap pages freed after a burst.
+//! What needs the C library directly: the listener's backlog, the open-files limit, and memory housekeeping
+//! (giving back the stack pages a worker touched deep in a call that is over, and the heap pages freed after a
+//! burst).
 //!
-//! Why: a stream holds its worker thread for a minute, and its resident memory is what it touched at its deepest,
+//! Why the memory part: a stream holds its worker thread for a minute, and its resident memory is what it touched at its deepest,
 //! not what it uses while it waits. Connecting to an upstream goes about 42 KiB down the stack (ureq's connector
 //! chain); the copy loop that follows needs about 12 KiB. Without a trim every open stream keeps the other 30 KiB.
 
 use std::cell::Cell;
+use std::io;
+use std::net::TcpListener;
+use std::os::fd::AsRawFd;
 
 /// Bytes kept below the caller's frame: the copy loop's own calls (ureq's read path, the client write) stay within
 /// this, so the trimmed pages are not faulted straight back in.
@@ -86,6 +90,33 @@ pub fn release_free_heap() {
     // SAFETY: malloc_trim has no preconditions; it takes the allocator's own locks.
     unsafe {
         libc::malloc_trim(0);
+    }
+}
+
+/// Sets the listener's backlog: Rust's `bind` uses 128, which a burst of clients overflows (the kernel then
+/// drops their SYNs and they retry after a second). Calling `listen` again on a listening socket only changes
+/// the backlog; the kernel caps it at `net.core.somaxconn`.
+pub fn set_backlog(listener: &TcpListener, backlog: u32) -> io::Result<()> {
+    let backlog = i32::try_from(backlog).unwrap_or(i32::MAX);
+    // SAFETY: a valid listening socket's fd, for the duration of the call.
+    if unsafe { libc::listen(listener.as_raw_fd(), backlog) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Raises the soft open-files limit to the hard limit: every client and upstream connection is an fd, and the
+/// usual soft limit of 1024 would cap the proxy well below what the machine can serve.
+pub fn raise_fd_limit() {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: `lim` is a valid, writable rlimit for the duration of each call.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            let wanted = libc::rlimit { rlim_cur: lim.rlim_max, rlim_max: lim.rlim_max };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &wanted) != 0 {
+                log::warn!("could not raise the open-files limit from {}", lim.rlim_cur);
+            }
+        }
     }
 }
 
