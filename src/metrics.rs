@@ -254,11 +254,35 @@ impl UsageTail {
             std::str::from_utf8(&self.buf[start..]).ok()
         })?;
         let at = text.rfind("\"usage\"")?;
-        let usage = &text[at..];
-        let end = usage.find('}').unwrap_or(usage.len());
-        let object = &usage[..end];
+        let object = balanced_object(&text[at..])?;
+        // Only the object's own keys: `prompt_tokens_details` and friends nest objects of their own.
         Some((number_after(object, "\"prompt_tokens\"")?, number_after(object, "\"completion_tokens\"")?))
     }
+}
+
+/// The `{…}` that starts at the first `{` of `text`, nested objects included (Azure's usage object holds
+/// `completion_tokens_details {…}` before `prompt_tokens`, so the first `}` is not its end).
+fn balanced_object(text: &str) -> Option<&str> {
+    let start = text.find('{')?;
+    let mut depth = 0usize;
+    let mut in_string = false;
+    let mut escaped = false;
+    for (i, c) in text[start..].char_indices() {
+        match c {
+            _ if escaped => escaped = false,
+            '\\' if in_string => escaped = true,
+            '"' => in_string = !in_string,
+            '{' if !in_string => depth += 1,
+            '}' if !in_string => {
+                depth -= 1;
+                if depth == 0 {
+                    return Some(&text[start..start + i + 1]);
+                }
+            }
+            _ => {}
+        }
+    }
+    None
 }
 
 fn number_after(text: &str, key: &str) -> Option<u64> {
@@ -283,6 +307,11 @@ mod tests {
             b"data: {\"choices\":[],\"usage\":{\"prompt_tokens\": 7, \"completion_tokens\": 21}}\n\ndata: [DONE]\n\n",
         );
         assert_eq!(t.usage(), Some((7, 21)));
+        // Azure's shape for current models: nested details before prompt_tokens (keys in alphabetical order).
+        let mut t = UsageTail::default();
+        t.push(br#"data: {"choices":[],"usage":{"completion_tokens":5,"completion_tokens_details":{"reasoning_tokens":0},"prompt_tokens":19,"prompt_tokens_details":{"cached_tokens":0},"total_tokens":24}}"#);
+        t.push(b"\n\ndata: [DONE]\n\n");
+        assert_eq!(t.usage(), Some((19, 5)));
         let mut t = UsageTail::default();
         t.push(&vec![b'x'; 10_000]);
         assert_eq!(t.usage(), None);
