@@ -164,10 +164,7 @@ impl Front {
                 .min(self.accept_paused_until.map(|t| t.saturating_duration_since(now)).unwrap_or(MAX_POLL_WAIT));
             // Round up so that a deadline 0.4 ms away does not become a busy loop of zero-timeout polls.
             let wait_ms = wait.as_millis() as i32 + 1;
-            // SAFETY: `fds` is a live, initialised slice of pollfd for the whole call, and its length is passed.
-            let ready = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, wait_ms) };
-            if ready < 0 {
-                let err = io::Error::last_os_error();
+            if let Err(err) = crate::sys::poll(&mut fds, wait_ms) {
                 if err.kind() != io::ErrorKind::Interrupted {
                     log::error!("poll failed: {err}");
                     std::thread::sleep(Duration::from_millis(10));

@@ -9,7 +9,7 @@
 //!    answer, and copies that answer to the client as it arrives, flushing each read; or answers with the
 //!    fallback JSON listing every attempt.
 //! 4. `serve` logs the access line and gives a keep-alive connection back to `front`.
-#![deny(unsafe_op_in_unsafe_fn)]
+#![deny(unsafe_code)]
 
 pub mod access_log;
 pub mod admin;

@@ -13,7 +13,6 @@
 //! (waiting on the channel, or just started); `idle <= live <= max`.
 
 use std::io;
-use std::os::fd::AsRawFd;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -276,7 +275,7 @@ enum Next {
 fn next_request_here(state: &State, conn: &mut Conn, jobs: &Receiver<Job>) -> Next {
     let cfg = &state.config;
     if conn.buf.is_empty() {
-        let ready = conn.stream.has_buffered() || readable_within(conn.stream.tcp(), cfg.keepalive_linger);
+        let ready = conn.stream.has_buffered() || crate::sys::readable_within(conn.stream.tcp(), cfg.keepalive_linger);
         if !jobs.is_empty() || cfg.keepalive_linger.is_zero() || !ready {
             return Next::ToFront;
         }
@@ -296,13 +295,4 @@ fn next_request_here(state: &State, conn: &mut Conn, jobs: &Receiver<Job>) -> Ne
         }
         Ok(None) | Err(_) => Next::ToFront,
     }
-}
-
-/// Waits up to `wait` for `stream` to become readable (data, EOF or error).
-fn readable_within(stream: &std::net::TcpStream, wait: Duration) -> bool {
-    let mut fd = libc::pollfd { fd: stream.as_raw_fd(), events: libc::POLLIN, revents: 0 };
-    let ms = i32::try_from(wait.as_millis()).unwrap_or(i32::MAX);
-    // SAFETY: one valid pollfd, alive for the call, count 1.
-    let ready = unsafe { libc::poll(&mut fd, 1, ms) };
-    ready > 0
 }

@@ -1,15 +1,19 @@
-//! What needs the C library directly: the listener's backlog, the open-files limit, and memory housekeeping
-//! (giving back the stack pages a worker touched deep in a call that is over, and the heap pages freed after a
-//! burst).
+//! Every call into the C library that needs `unsafe`, in one place: `poll`, signal handlers, `SO_LINGER`, the
+//! listener's backlog, the open-files limit, and memory housekeeping (giving back the stack pages a worker touched
+//! deep in a call that is over, and the heap pages freed after a burst). The rest of the crate has
+//! `#![deny(unsafe_code)]`.
 //!
 //! Why the memory part: a stream holds its worker thread for a minute, and its resident memory is what it touched at its deepest,
 //! not what it uses while it waits. Connecting to an upstream goes about 42 KiB down the stack (ureq's connector
 //! chain); the copy loop that follows needs about 12 KiB. Without a trim every open stream keeps the other 30 KiB.
 
+#![allow(unsafe_code)]
+
 use std::cell::Cell;
 use std::io;
-use std::net::TcpListener;
-use std::os::fd::AsRawFd;
+use std::net::{TcpListener, TcpStream};
+use std::os::fd::{AsRawFd, RawFd};
+use std::time::Duration;
 
 /// Bytes kept below the caller's frame: the copy loop's own calls (ureq's read path, the client write) stay within
 /// this, so the trimmed pages are not faulted straight back in.
@@ -117,6 +121,66 @@ pub fn raise_fd_limit() {
                 log::warn!("could not raise the open-files limit from {}", lim.rlim_cur);
             }
         }
+    }
+}
+
+/// `poll(2)` on `fds` for at most `timeout_ms` (-1: no limit); the number of ready entries.
+pub fn poll(fds: &mut [libc::pollfd], timeout_ms: i32) -> io::Result<usize> {
+    // SAFETY: `fds` is a live, initialised slice of pollfd for the whole call, and its length is passed.
+    let ready = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout_ms) };
+    usize::try_from(ready).map_err(|_| io::Error::last_os_error())
+}
+
+/// Waits up to `wait` for `stream` to become readable (data, EOF or error).
+pub fn readable_within(stream: &TcpStream, wait: Duration) -> bool {
+    let mut fds = [libc::pollfd { fd: stream.as_raw_fd(), events: libc::POLLIN, revents: 0 }];
+    let ms = i32::try_from(wait.as_millis()).unwrap_or(i32::MAX);
+    matches!(poll(&mut fds, ms), Ok(n) if n > 0)
+}
+
+/// Makes the coming close of `stream` a reset (RST) instead of a clean FIN (`SO_LINGER` with a zero timeout).
+pub fn reset_on_close(stream: &TcpStream) {
+    let linger = libc::linger { l_onoff: 1, l_linger: 0 };
+    // SAFETY: the fd is owned by `stream` and open for this call; the pointer and length describe a valid
+    // `linger` that lives across the call. The kernel copies it; nothing is retained.
+    unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            &linger as *const libc::linger as *const libc::c_void,
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        );
+    }
+}
+
+/// Routes `signals` to `handler`, with `SA_RESTART` so that blocking calls in other threads do not fail. The
+/// handler must be async-signal-safe (atomics and [`write_byte`] only).
+pub fn on_signals(signals: &[libc::c_int], handler: extern "C" fn(libc::c_int)) -> io::Result<()> {
+    for &signal in signals {
+        // SAFETY: a zeroed sigaction is a valid starting value; the handler is an `extern "C" fn(c_int)`;
+        // the pointers passed are to live locals.
+        let ok = unsafe {
+            let mut action: libc::sigaction = std::mem::zeroed();
+            action.sa_sigaction = handler as *const () as libc::sighandler_t;
+            action.sa_flags = libc::SA_RESTART;
+            libc::sigemptyset(&mut action.sa_mask);
+            libc::sigaction(signal, &action, std::ptr::null_mut()) == 0
+        };
+        if !ok {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// Writes one byte to `fd`, ignoring the outcome; async-signal-safe (a signal handler's wake-up).
+pub fn write_byte(fd: RawFd) {
+    let byte = 1u8;
+    // SAFETY: write(2) is async-signal-safe; the pointer is to a live byte; a failed write (full pipe) is fine
+    // for a wake-up, which is then already pending.
+    unsafe {
+        libc::write(fd, &byte as *const u8 as *const libc::c_void, 1);
     }
 }
 

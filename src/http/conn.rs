@@ -55,19 +55,7 @@ impl Drop for Slot {
 /// Makes the coming close of `stream` a reset (RST) instead of a clean FIN: the only way to tell a client
 /// reading a close-delimited body that it did not get all of it. The caller must drop the socket next.
 pub fn abort(stream: &TcpStream) {
-    use std::os::fd::AsRawFd;
-    let linger = libc::linger { l_onoff: 1, l_linger: 0 };
-    // SAFETY: the fd is owned by `stream` and open for this call; the pointer and length describe a valid
-    // `linger` that lives across the call. The kernel copies it; nothing is retained.
-    unsafe {
-        libc::setsockopt(
-            stream.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            &linger as *const libc::linger as *const libc::c_void,
-            std::mem::size_of::<libc::linger>() as libc::socklen_t,
-        );
-    }
+    crate::sys::reset_on_close(stream);
     // No shutdown() here: it would send a FIN at once, and a client that saw the FIN reads a clean EOF. The
     // reset goes out when the caller drops the socket, which it does right after.
 }

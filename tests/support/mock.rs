@@ -5,8 +5,8 @@
 //! stops accepting, releases `Hang`/`Sse`/`Delayed` waits and shuts down the connections still open, so it
 //! behaves like an instance that went away.
 //!
-//! This file is also compiled into `examples/mock_azure.rs` via `#[path]`, so it only uses std, `libc` and
-//! `serde_json`.
+//! This file is also compiled into `examples/mock_azure.rs` via `#[path]`, so it only uses std, `libc`,
+//! `serde_json` and the proxy's own `sys` (for the reset).
 #![allow(dead_code)]
 
 use std::collections::HashMap;
@@ -344,19 +344,7 @@ fn serve_connection(stream: TcpStream, id: usize, shared: Arc<Shared>, handler: 
 
 /// Sets SO_LINGER {on, 0} so that closing the socket sends a RST.
 fn reset(stream: &TcpStream) {
-    use std::os::unix::io::AsRawFd;
-    let linger = libc::linger { l_onoff: 1, l_linger: 0 };
-    // SAFETY: the fd is valid for the lifetime of `stream`, and the option value points to a properly
-    // sized and initialized `libc::linger`.
-    unsafe {
-        libc::setsockopt(
-            stream.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            &linger as *const libc::linger as *const libc::c_void,
-            std::mem::size_of::<libc::linger>() as libc::socklen_t,
-        );
-    }
+    azure_proxy::sys::reset_on_close(stream);
 }
 
 /// An error while reading a request: either the peer went away (close quietly) or the request is bad
