@@ -21,9 +21,10 @@ use crate::config::{Instance, Routing};
 /// What an attempt told us about an instance.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Observation {
-    /// An HTTP answer; `cooldown` is set for 429/503 (the honoured retry time, if the instance named one).
+    /// An HTTP answer; `retry_after` is the retry time the instance named, if any (honoured for 429/503).
     Answered { status: u16, retry_after: Option<Duration> },
-    /// Connection refused/reset, DNS, TLS, or a timeout before the response head.
+    /// Connection refused/reset, DNS, TLS, a timeout before the response head, or an answer that is not usable
+    /// HTTP (an unsolicited 101, a malformed head).
     Unreachable,
 }
 

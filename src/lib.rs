@@ -2,12 +2,15 @@
 //!
 //! How a request flows:
 //! 1. `front` (one thread, `poll`) accepts the connection and reads the request head (`http::parse`), within
-//!    size and time limits; a complete head goes over a bounded channel to a worker, or gets a 503 if it is full.
-//! 2. `serve` (a worker) checks the target, answers local routes (`/healthz`) and 404s anything outside
-//!    `/openai/`, then asks `guard` about the client's IP and key (401/403), then reads the body (`http::body`).
-//! 3. `relay` takes instances in `balancer` order (round-robin), calls each with ureq until one gives a final
-//!    answer, and copies that answer to the client as it arrives, flushing each read; or answers with the
-//!    fallback JSON listing every attempt.
+//!    size and time limits; a complete head goes over a bounded channel to the worker `pool` (a thread is started
+//!    when none is idle), or gets a 503 if the queue is full.
+//! 2. `serve` (a worker) checks the target (`http::target`) and `Host`, answers local routes (`admin`) and 404s
+//!    anything outside `/openai/`, then asks `guard` about the client's IP and key (401/403), then reads the body
+//!    (`http::body`).
+//! 3. `relay` takes instances in `balancer` order (tiers, weights, cooldowns, circuits), calls each with ureq
+//!    (`upstream`) until one gives a final answer, and `stream` copies that answer to the client as it arrives,
+//!    flushing each read and masking keys in error answers (`redact`); or `relay` answers with the fallback
+//!    JSON listing every attempt.
 //! 4. `serve` logs the access line and gives a keep-alive connection back to `front`.
 #![deny(unsafe_code)]
 

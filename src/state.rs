@@ -200,6 +200,9 @@ impl Agents {
     }
 }
 
+/// An upstream client set up as a proxy needs it: statuses are answers, not errors; redirects go back to the
+/// client; no environment proxy; nothing added to the client's headers; connect, response-head and per-read
+/// timeouts only, because a whole-body timeout would cut long streams.
 fn build_agent(config: &Config, output_bytes: usize) -> Agent {
     let idle_per_host = config.upstream_idle_per_instance;
     let proxy = match &config.egress_proxy {
