@@ -27,6 +27,7 @@ pub mod lifecycle;
 pub mod metrics;
 pub mod pool;
 pub mod redact;
+pub mod rejection;
 pub mod relay;
 pub mod request_id;
 pub mod serve;

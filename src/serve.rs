@@ -13,10 +13,11 @@ use crate::client_ip;
 use crate::guard::Verdict;
 use crate::http::body::{self, BodyError};
 use crate::http::parse::{Framing, FramingError, Head};
-use crate::http::target;
+use crate::http::target::{self, TargetError};
 use crate::http::write::Persist;
 use crate::http::Conn;
 use crate::metrics;
+use crate::rejection::{self, Rejection};
 use crate::relay::{self, Exchange, Relayed};
 use crate::request_id;
 use crate::state::State;
@@ -67,150 +68,93 @@ fn handle(
     persist: Persist,
     started: Instant,
 ) -> Relayed {
-    let cfg = &state.config;
-    // Until the body has been read, an early answer must close the connection: unread body bytes would
-    // otherwise be taken for the next request.
-    let framing = match Framing::of(head, cfg.max_body_bytes) {
+    let max_body = state.config.max_body_bytes;
+    let framing = match Framing::of(head, max_body) {
         Ok(f) => f,
-        Err(FramingError::Bad(why)) => {
-            return relay::respond_error(&mut conn.stream, rid, 400, "invalid_request_error", why, &[], Persist::Close)
-        }
-        Err(FramingError::Unsupported(te)) => {
-            let msg = format!("unsupported transfer-encoding {te:?}; only chunked is accepted");
-            return relay::respond_error(
-                &mut conn.stream,
-                rid,
-                501,
-                "invalid_request_error",
-                &msg,
-                &[],
-                Persist::Close,
-            );
-        }
-        Err(FramingError::TooLarge(n)) => {
-            log::warn!("{rid} body of {n} bytes refused (max_body_bytes={})", cfg.max_body_bytes);
-            return too_large(conn, rid, cfg.max_body_bytes);
+        Err(e) => {
+            if let FramingError::TooLarge(n) = e {
+                log::warn!("{rid} body of {n} bytes refused (max_body_bytes={max_body})");
+            }
+            return rejection::from_framing(e, max_body).respond(&mut conn.stream, rid, Persist::Close);
         }
     };
-    let has_body = !matches!(framing, Framing::None | Framing::Length(0));
-    let early = if has_body { Persist::Close } else { persist };
+    // Until the body has been read, an early answer must close the connection: unread body bytes would
+    // otherwise be taken for the next request.
+    let unread = if matches!(framing, Framing::None | Framing::Length(0)) { persist } else { Persist::Close };
+    match admit(state, conn, head, rid, client, framing) {
+        Ok(Admitted::Local(a)) => {
+            relay::respond_bytes(&mut conn.stream, rid, a.status, a.content_type, &a.body, &[], unread)
+        }
+        Ok(Admitted::Proxy(body)) => {
+            let ex = Exchange { head, framing, body: &body, request_id: rid, started };
+            relay::relay(state, &ex, &mut conn.stream, persist)
+        }
+        Err(Some(refusal)) => refusal.respond(&mut conn.stream, rid, unread),
+        Err(None) => {
+            Relayed { status: 499, instance: None, attempts: 0, bytes: 0, reusable: false, note: Some("client_gone") }
+        }
+    }
+}
 
+/// What an admitted request is: a local route's answer, or a request to relay with its whole body.
+enum Admitted {
+    Local(admin::Answer),
+    Proxy(Vec<u8>),
+}
+
+/// The checks in order: target, `Host`, local routes, `/openai/`, the client's key, `Expect`, the body.
+/// `Err(None)`: the client went away while sending the body (nothing to answer).
+fn admit(
+    state: &State,
+    conn: &mut Conn,
+    head: &Head,
+    rid: &str,
+    client: IpAddr,
+    framing: Framing,
+) -> Result<Admitted, Option<Rejection>> {
+    let cfg = &state.config;
     // Checked before anything else looks at the path: what passes can be forwarded byte for byte, and nothing
     // that an upstream could resolve outside /openai/ passes (see http::target).
     let target_ok =
-        if head.method == "CONNECT" { Err(target::TargetError::NotOriginForm) } else { target::check(&head.target) };
-    if let Err(why) = target_ok {
-        log::info!("{rid} request target refused: {}", why.message());
-        return relay::respond_error(
-            &mut conn.stream,
-            rid,
-            why.status(),
-            "invalid_request_error",
-            why.message(),
-            &[],
-            Persist::Close,
-        );
-    }
-    if let Err(why) = head.check_host() {
-        return relay::respond_error(&mut conn.stream, rid, 400, "invalid_request_error", why, &[], Persist::Close);
-    }
+        if head.method == "CONNECT" { Err(TargetError::NotOriginForm) } else { target::check(&head.target) };
+    target_ok
+        .inspect_err(|why| log::info!("{rid} request target refused: {}", why.message()))
+        .map_err(Rejection::Target)?;
+    head.check_host().map_err(Rejection::Host)?;
     let path = head.path();
-    if state.config.admin_listen.is_none() {
+    if cfg.admin_listen.is_none() {
         if let Some(a) = admin::answer(state, &head.method, path) {
-            return relay::respond_bytes(&mut conn.stream, rid, a.status, a.content_type, &a.body, &[], early);
+            return Ok(Admitted::Local(a));
         }
     }
     if !path.starts_with("/openai/") {
-        return relay::respond_error(
-            &mut conn.stream,
-            rid,
-            404,
-            "not_found_error",
-            "not found: only /openai/ routes are proxied",
-            &[],
-            early,
-        );
+        return Err(Rejection::NotFound.into());
     }
-
-    match state.guard.check(client, head.header(&cfg.client_header_name)) {
-        Verdict::Allowed => {}
-        Verdict::Blocked { retry_after_secs } => {
-            let secs = retry_after_secs.to_string();
-            let msg = "too many invalid keys from this address; blocked for now";
-            return relay::respond_error(
-                &mut conn.stream,
-                rid,
-                403,
-                "permission_error",
-                msg,
-                &[("Retry-After", &secs)],
-                Persist::Close,
-            );
-        }
-        Verdict::MissingKey => {
-            let msg = format!("missing client key in header {}", cfg.client_header_name);
-            return relay::respond_error(&mut conn.stream, rid, 401, "authentication_error", &msg, &[], early);
-        }
-        Verdict::BadKey => {
-            log::warn!("{rid} invalid client key from {client}");
-            return relay::respond_error(
-                &mut conn.stream,
-                rid,
-                401,
-                "authentication_error",
-                "invalid client key",
-                &[],
-                early,
-            );
-        }
+    let verdict = state.guard.check(client, head.header(&cfg.client_header_name));
+    if verdict == Verdict::BadKey {
+        log::warn!("{rid} invalid client key from {client}");
     }
-
+    rejection::from_verdict(verdict, &cfg.client_header_name)?;
     if let Some(expect) = head.header("expect") {
         if !expect.eq_ignore_ascii_case(b"100-continue") {
-            return relay::respond_error(
-                &mut conn.stream,
-                rid,
-                417,
-                "invalid_request_error",
-                "unsupported Expect value",
-                &[],
-                Persist::Close,
-            );
+            return Err(Rejection::Expectation.into());
         }
         // Only now, after the key check: a rejected client never gets to send its body.
+        let has_body = !matches!(framing, Framing::None | Framing::Length(0));
         if has_body && head.minor_version == 1 && conn.buf.is_empty() {
             let _ = conn.stream.write_all(b"HTTP/1.1 100 Continue\r\n\r\n");
         }
     }
-
-    let body = match body::read_body(conn, framing, cfg.max_body_bytes) {
-        Ok(b) => b,
-        Err(BodyError::TooLarge) => {
-            log::warn!("{rid} chunked body over max_body_bytes={}", cfg.max_body_bytes);
-            return too_large(conn, rid, cfg.max_body_bytes);
+    body::read_body(conn, framing, cfg.max_body_bytes).map(Admitted::Proxy).map_err(|e| {
+        match &e {
+            BodyError::TooLarge => log::warn!("{rid} chunked body over max_body_bytes={}", cfg.max_body_bytes),
+            BodyError::Closed | BodyError::Io(_) if !e.is_timeout() => {
+                log::info!("{rid} client left while sending the body: {e:?}")
+            }
+            _ => {}
         }
-        Err(BodyError::Malformed(why)) => {
-            return relay::respond_error(&mut conn.stream, rid, 400, "invalid_request_error", why, &[], Persist::Close)
-        }
-        Err(e) if e.is_timeout() => {
-            let msg = "request body not received in time";
-            return relay::respond_error(&mut conn.stream, rid, 408, "invalid_request_error", msg, &[], Persist::Close);
-        }
-        Err(e) => {
-            log::info!("{rid} client left while sending the body: {e:?}");
-            return Relayed {
-                status: 499,
-                instance: None,
-                attempts: 0,
-                bytes: 0,
-                reusable: false,
-                note: Some("client_gone"),
-            };
-        }
-    };
-
-    let ex = Exchange { head, framing, body: &body, request_id: rid, started };
-    relay::relay(state, &ex, &mut conn.stream, persist)
+        rejection::from_body_error(e, cfg.max_body_bytes)
+    })
 }
 
 /// A request that waited in the queue longer than `queue_timeout` (every worker busy): 503 + `Retry-After`, and
@@ -224,10 +168,4 @@ pub fn refuse_queued(state: &State, mut conn: Conn, head: &Head) {
     let _ =
         relay::respond_error(&mut conn.stream, &rid, 503, "server_error", msg, &[("Retry-After", "1")], Persist::Close);
     let _ = conn.stream.tcp().shutdown(std::net::Shutdown::Write);
-}
-
-/// 413, and the connection closes: the rest of the body is never read.
-fn too_large(conn: &mut Conn, rid: &str, max: u64) -> Relayed {
-    let msg = format!("request body larger than {max} bytes");
-    relay::respond_error(&mut conn.stream, rid, 413, "invalid_request_error", &msg, &[], Persist::Close)
 }
