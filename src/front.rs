@@ -7,7 +7,7 @@
 //! few canned answers (400, 408, 414, 431, 503, 505) that need no worker.
 
 use std::collections::VecDeque;
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::net::{TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
@@ -18,12 +18,12 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 
 use crate::config::{Config, Overrides, ProcessEnv};
+use crate::exchange::respond_error;
 use crate::http::parse::{parse_head, HeadError};
 use crate::http::write::Persist;
 use crate::http::{ClientStream, Conn, Head};
 use crate::lifecycle;
-use crate::pool::Pool;
-use crate::relay;
+use crate::pool::{Job, Pool, Returner};
 use crate::request_id;
 use crate::serve::refuse_queued;
 use crate::state::Shared;
@@ -32,35 +32,6 @@ use crate::state::Shared;
 const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
 /// Longest poll sleep, so that deadlines are checked even when nothing happens.
 const MAX_POLL_WAIT: Duration = Duration::from_secs(1);
-
-/// A request ready for a worker: the connection (its buffer holds what followed the head) and the parsed head.
-pub struct Job {
-    pub conn: Conn,
-    pub head: Head,
-    /// When it entered the queue: a job that waited longer than `queue_timeout` is answered 503, not served.
-    pub queued_at: Instant,
-}
-
-/// Hands served keep-alive connections back to the front thread and wakes its `poll`.
-#[derive(Clone)]
-pub struct Returner {
-    tx: Sender<Conn>,
-    wake: Arc<UnixStream>,
-}
-
-impl Returner {
-    /// The write end of the wake-up socket (signal handlers write to it too).
-    pub fn wake_fd(&self) -> std::os::fd::RawFd {
-        self.wake.as_raw_fd()
-    }
-
-    pub fn give_back(&self, conn: Conn) {
-        if self.tx.send(conn).is_ok() {
-            // One byte is enough to wake poll; if the pipe is full a wake-up is already pending.
-            let _ = (&*self.wake).write(&[1]);
-        }
-    }
-}
 
 /// A connection waiting in the front thread.
 struct Waiting {
@@ -123,7 +94,7 @@ impl Front {
             reserve_fd: std::fs::File::open("/dev/null").ok(),
             last_fd_warning: None,
         };
-        Ok((front, Returner { tx, wake: Arc::new(wake_tx) }))
+        Ok((front, Returner::new(tx, Arc::new(wake_tx))))
     }
 
     /// The worker pool that takes this front's jobs (set once, before `run`).
@@ -464,6 +435,6 @@ fn refuse(conn: Conn, e: HeadError) {
 fn canned(mut conn: Conn, status: u16, message: &str, extra: &[(&str, &str)]) {
     let rid = request_id::accept_or_generate(None);
     let kind = if status >= 500 { "server_error" } else { "invalid_request_error" };
-    relay::respond_error(&mut conn.stream, &rid, status, kind, message, extra, Persist::Close);
+    respond_error(&mut conn.stream, &rid, status, kind, message, extra, Persist::Close);
     let _ = conn.stream.tcp().shutdown(std::net::Shutdown::Write);
 }

@@ -20,6 +20,7 @@ pub mod balancer;
 pub mod cli;
 pub mod client_ip;
 pub mod config;
+pub mod exchange;
 pub mod front;
 pub mod guard;
 pub mod http;

@@ -12,20 +12,54 @@
 //! Invariants: `live` counts started threads that have not exited; `idle` counts those not serving a request
 //! (waiting on the channel, or just started); `idle <= live <= max`.
 
-use std::io;
+use std::io::{self, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, RecvTimeoutError};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
-use crate::front::{Job, Returner};
 use crate::http::parse::parse_head;
 use crate::http::{Conn, Head};
 use crate::serve::{refuse_queued, serve};
 use crate::state::{Shared, State};
+
+/// A request ready for a worker: the connection (its buffer holds what followed the head) and the parsed head.
+pub struct Job {
+    pub conn: Conn,
+    pub head: Head,
+    /// When it entered the queue: a job that waited longer than `queue_timeout` is answered 503, not served.
+    pub queued_at: Instant,
+}
+
+/// Hands served keep-alive connections back to the front thread and wakes its `poll`.
+#[derive(Clone)]
+pub struct Returner {
+    tx: Sender<Conn>,
+    wake: Arc<UnixStream>,
+}
+
+impl Returner {
+    pub fn new(tx: Sender<Conn>, wake: Arc<UnixStream>) -> Returner {
+        Returner { tx, wake }
+    }
+
+    /// The write end of the wake-up socket (signal handlers write to it too).
+    pub fn wake_fd(&self) -> std::os::fd::RawFd {
+        self.wake.as_raw_fd()
+    }
+
+    pub fn give_back(&self, conn: Conn) {
+        if self.tx.send(conn).is_ok() {
+            // One byte is enough to wake poll; if the pipe is full a wake-up is already pending.
+            let _ = (&*self.wake).write(&[1]);
+        }
+    }
+}
 
 /// Worker stack: a rustls handshake and ureq's call stack fit comfortably; only touched pages cost memory.
 const WORKER_STACK_BYTES: usize = 256 * 1024;

@@ -7,13 +7,13 @@
 
 use std::borrow::Cow;
 
+use crate::exchange::{respond_error, Relayed};
 use crate::guard::Verdict;
 use crate::http::body::BodyError;
 use crate::http::parse::FramingError;
 use crate::http::target::TargetError;
 use crate::http::write::Persist;
 use crate::http::ClientStream;
-use crate::relay::{self, Relayed};
 
 const INVALID: &str = "invalid_request_error";
 
@@ -102,7 +102,7 @@ impl Rejection {
             _ => None,
         };
         let extra: Vec<(&str, &str)> = retry_after.iter().map(|s| ("Retry-After", s.as_str())).collect();
-        relay::respond_error(client, rid, self.status(), self.kind(), &self.message(), &extra, persist)
+        respond_error(client, rid, self.status(), self.kind(), &self.message(), &extra, persist)
     }
 }
 

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use ureq::http::Method;
 
 use crate::balancer::{Observation, Plan};
-use crate::http::parse::{Framing, Head};
+use crate::exchange::{respond_error, respond_json, Exchange, Relayed};
 use crate::http::write::{self, Persist};
 use crate::http::ClientStream;
 use crate::state::State;
@@ -22,16 +22,6 @@ use crate::upstream::{self, classify, error_snippet, retry_after, FailureKind};
 const INVALID: &str = "invalid_request_error";
 
 const RETRYABLE: &[u16] = &[429, 500, 502, 503, 504, 401, 403, 404];
-
-/// The request as the worker has it: head, whole body, and its ID.
-pub struct Exchange<'a> {
-    pub head: &'a Head,
-    pub framing: Framing,
-    pub body: &'a [u8],
-    pub request_id: &'a str,
-    /// When the request head was complete (for latency metrics).
-    pub started: Instant,
-}
 
 /// How one attempt ended (for logs and the fallback body).
 #[derive(Debug, Clone)]
@@ -45,19 +35,6 @@ pub struct Attempt {
 pub enum Outcome {
     Status { status: u16, retry_after: Option<Duration> },
     Failed { kind: FailureKind, detail: String },
-}
-
-/// What happened to the request, for the access log and the keep-alive decision.
-#[derive(Debug)]
-pub struct Relayed {
-    pub status: u16,
-    pub instance: Option<String>,
-    pub attempts: usize,
-    pub bytes: u64,
-    /// Whether the client connection may carry another request.
-    pub reusable: bool,
-    /// Why the exchange ended early, if it did.
-    pub note: Option<&'static str>,
 }
 
 /// Runs the attempts and writes the answer to `client`. Never fails: every outcome becomes a response (or, if
@@ -251,14 +228,6 @@ fn is_unanimous_client_error(status: u16, earlier: &[Attempt]) -> bool {
         && earlier.iter().all(|a| matches!(a.outcome, Outcome::Status { status: s, .. } if s == status))
 }
 
-impl Relayed {
-    pub fn gone(mut self) -> Relayed {
-        self.reusable = false;
-        self.note = Some("client_gone");
-        self
-    }
-}
-
 /// Every attempt failed: 429 with the shortest `Retry-After` when all were throttled, 504 when the last failure
 /// was a timeout, 502 otherwise. The body names instances and outcomes, never a key.
 fn fallback(client: &mut ClientStream, ex: &Exchange, attempts: &[Attempt], persist: Persist) -> Relayed {
@@ -302,50 +271,4 @@ fn fallback(client: &mut ClientStream, ex: &Exchange, attempts: &[Attempt], pers
     let mut relayed = respond_json(client, ex.request_id, status, &body, extra, persist);
     relayed.attempts = attempts.len();
     relayed
-}
-
-/// Writes a small JSON answer produced by the proxy itself (not relayed from an instance).
-pub fn respond_json(
-    client: &mut ClientStream,
-    rid: &str,
-    status: u16,
-    body: &serde_json::Value,
-    extra: &[(&str, &str)],
-    persist: Persist,
-) -> Relayed {
-    let body = serde_json::to_vec(body).unwrap_or_default();
-    respond_bytes(client, rid, status, "application/json", &body, extra, persist)
-}
-
-/// Writes a small answer produced by the proxy itself, head and body in one write.
-pub fn respond_bytes(
-    client: &mut ClientStream,
-    rid: &str,
-    status: u16,
-    content_type: &str,
-    body: &[u8],
-    extra: &[(&str, &str)],
-    persist: Persist,
-) -> Relayed {
-    let mut relayed =
-        Relayed { status, instance: None, attempts: 0, bytes: 0, reusable: persist != Persist::Close, note: None };
-    match write::write_small(client, status, rid, content_type, body, extra, persist) {
-        Ok(n) => relayed.bytes = n,
-        Err(_) => relayed = relayed.gone(),
-    }
-    relayed
-}
-
-/// An error answer in the OpenAI envelope; `code` is the status as a string, as Azure's own errors do.
-pub fn respond_error(
-    client: &mut ClientStream,
-    rid: &str,
-    status: u16,
-    kind: &str,
-    message: &str,
-    extra: &[(&str, &str)],
-    persist: Persist,
-) -> Relayed {
-    let body = write::error_json(message, kind, &status.to_string(), rid);
-    respond_json(client, rid, status, &body, extra, persist)
 }

@@ -10,6 +10,7 @@ use std::time::Instant;
 use crate::access_log;
 use crate::admin;
 use crate::client_ip;
+use crate::exchange::{respond_bytes, respond_error, Exchange, Relayed};
 use crate::guard::Verdict;
 use crate::http::body::{self, BodyError};
 use crate::http::parse::{Framing, FramingError, Head};
@@ -18,7 +19,7 @@ use crate::http::write::Persist;
 use crate::http::Conn;
 use crate::metrics;
 use crate::rejection::{self, Rejection};
-use crate::relay::{self, Exchange, Relayed};
+use crate::relay;
 use crate::request_id;
 use crate::state::State;
 
@@ -82,9 +83,7 @@ fn handle(
     // otherwise be taken for the next request.
     let unread = if matches!(framing, Framing::None | Framing::Length(0)) { persist } else { Persist::Close };
     match admit(state, conn, head, rid, client, framing) {
-        Ok(Admitted::Local(a)) => {
-            relay::respond_bytes(&mut conn.stream, rid, a.status, a.content_type, &a.body, &[], unread)
-        }
+        Ok(Admitted::Local(a)) => respond_bytes(&mut conn.stream, rid, a.status, a.content_type, &a.body, &[], unread),
         Ok(Admitted::Proxy(body)) => {
             let ex = Exchange { head, framing, body: &body, request_id: rid, started };
             relay::relay(state, &ex, &mut conn.stream, persist)
@@ -165,7 +164,6 @@ pub fn refuse_queued(state: &State, mut conn: Conn, head: &Head) {
     let waited = state.config.queue_timeout.as_millis();
     log::warn!("{rid} all {} workers busy for queue_timeout_ms={waited}; answering 503", state.config.workers);
     let msg = "every worker is busy; retry shortly";
-    let _ =
-        relay::respond_error(&mut conn.stream, &rid, 503, "server_error", msg, &[("Retry-After", "1")], Persist::Close);
+    let _ = respond_error(&mut conn.stream, &rid, 503, "server_error", msg, &[("Retry-After", "1")], Persist::Close);
     let _ = conn.stream.tcp().shutdown(std::net::Shutdown::Write);
 }

@@ -12,9 +12,9 @@ use std::thread::{self, JoinHandle};
 
 use crate::admin;
 use crate::config::{Config, Overrides};
-use crate::front::{Front, Job};
+use crate::front::Front;
 use crate::lifecycle;
-use crate::pool::Pool;
+use crate::pool::{Job, Pool};
 use crate::state::{Shared, State};
 use crate::sys;
 

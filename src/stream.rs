@@ -9,13 +9,13 @@ use std::time::{Duration, Instant};
 
 use ureq::http;
 
+use crate::exchange::{Exchange, Relayed};
 use crate::http::conn::abort;
 use crate::http::write::{self, Persist, ResponseHead, BROKEN_CHUNK, CHUNK_BUF, CHUNK_DATA, CHUNK_PREFIX, LAST_CHUNK};
 use crate::http::ClientStream;
+use crate::http::HOP_BY_HOP;
 use crate::metrics::{Metrics, UsageTail};
 use crate::redact::{Secrets, StreamMask};
-use crate::relay::{Exchange, Relayed};
-use crate::upstream::HOP_BY_HOP;
 
 /// How the response body is delimited towards the client.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

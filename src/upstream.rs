@@ -11,13 +11,11 @@ use ureq::http::{self, Method};
 use ureq::AsSendBody;
 
 use crate::config::Instance;
+use crate::exchange::Exchange;
 use crate::http::parse::{Framing, Head};
-use crate::relay::Exchange;
+use crate::http::HOP_BY_HOP;
 use crate::state::State;
 
-/// Hop-by-hop headers (RFC 9110 §7.6.1) and the ones the proxy sets itself: never copied in either direction.
-pub const HOP_BY_HOP: &[&str] =
-    &["connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer", "upgrade", "host"];
 /// Request headers not forwarded besides those: framing (ureq sets it from the body), `Expect` (already
 /// answered by us; forwarding it would make ureq wait for a 100), the ID we set ourselves, and every header that
 /// can carry a client credential: whatever `client_header_name` is, an SDK may send its proxy key as

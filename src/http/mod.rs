@@ -13,3 +13,7 @@ pub mod write;
 pub use client_stream::ClientStream;
 pub use conn::Conn;
 pub use parse::{Head, HeadError};
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1) and the ones the proxy sets itself: never copied in either direction.
+pub const HOP_BY_HOP: &[&str] =
+    &["connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer", "upgrade", "host"];
