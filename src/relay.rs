@@ -9,7 +9,8 @@
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use ureq::http::Method;
+use ureq::http::header::HeaderMap;
+use ureq::http::{self, Method};
 
 use crate::balancer::{Observation, Plan};
 use crate::exchange::{respond_error, respond_json, Exchange, Relayed};
@@ -64,8 +65,8 @@ pub fn relay(state: &State, ex: &Exchange, client: &mut ClientStream, persist: P
             return unavailable(client, rid, retry_after, all_cooling, persist);
         }
     };
+    let run = Run { state, ex, method, headers, deployment, total: order.len() };
     let started = Instant::now();
-    let total = order.len();
     let mut attempts: Vec<Attempt> = Vec::new();
     for (n, &idx) in order.iter().enumerate() {
         if let Some(deadline) = state.config.routing.attempt_deadline.filter(|d| n > 0 && started.elapsed() >= *d) {
@@ -76,14 +77,51 @@ pub fn relay(state: &State, ex: &Exchange, client: &mut ClientStream, persist: P
         if !state.balancer.acquire(idx) {
             continue;
         }
-        let inst = &instances[idx];
-        let target = upstream::target_for(inst, &ex.head.target, deployment.as_deref());
-        let body = upstream::body_for(inst, ex.head, ex.body, deployment.as_deref());
+        match run.attempt(idx, n + 1, &mut attempts) {
+            Step::Next => {}
+            Step::Answer(resp) => return run.deliver(resp, idx, attempts.len() + 1, client, persist),
+            Step::Unsendable(msg) => return respond_error(client, rid, 400, INVALID, &msg, &[], persist),
+        }
+    }
+    if attempts.is_empty() {
+        // Every planned instance became unavailable before its attempt could start.
+        return unavailable(client, rid, Duration::from_secs(1), false, persist);
+    }
+    fallback(client, ex, &attempts, persist)
+}
+
+/// What is the same for every attempt of one request.
+struct Run<'a> {
+    state: &'a State,
+    ex: &'a Exchange<'a>,
+    method: Method,
+    headers: HeaderMap,
+    deployment: Option<String>,
+    total: usize,
+}
+
+/// What one attempt came to.
+enum Step {
+    /// Failed or answered with a retryable status (recorded): try the next instance.
+    Next,
+    /// The answer to relay.
+    Answer(http::Response<ureq::Body>),
+    /// The request cannot be put on the wire at all (the same on every instance).
+    Unsendable(String),
+}
+
+impl Run<'_> {
+    /// Sends the request to instance `idx` (the `nth` attempt) and sorts out what came back.
+    fn attempt(&self, idx: usize, nth: usize, attempts: &mut Vec<Attempt>) -> Step {
+        let (state, ex, rid, total) = (self.state, self.ex, self.ex.request_id, self.total);
+        let inst = &state.config.instances[idx];
+        let target = upstream::target_for(inst, &ex.head.target, self.deployment.as_deref());
+        let body = upstream::body_for(inst, ex.head, ex.body, self.deployment.as_deref());
         if !attempts.is_empty() {
             state.metrics.retries.fetch_add(1, Ordering::Relaxed);
         }
         let t0 = Instant::now();
-        let result = upstream::send(state, idx, &method, &headers, &target, &body, ex.framing);
+        let result = upstream::send(state, idx, &self.method, &self.headers, &target, &body, ex.framing);
         let elapsed = t0.elapsed();
         match result {
             Ok(resp) if resp.status().is_informational() => {
@@ -92,39 +130,27 @@ pub fn relay(state: &State, ex: &Exchange, client: &mut ClientStream, persist: P
                 let detail =
                     format!("unexpected {} {}", resp.status().as_u16(), resp.status().canonical_reason().unwrap_or(""));
                 let failure = Outcome::Failed { kind: FailureKind::Protocol, detail };
-                record_failure(state, rid, idx, (n + 1, total), elapsed, failure, &mut attempts);
+                record_failure(state, rid, idx, (nth, total), elapsed, failure, attempts);
+                Step::Next
             }
             Ok(resp) => {
                 let status = resp.status().as_u16();
                 state.metrics.attempt(&inst.name, status_class(status), elapsed);
                 let retry_after = retry_after(resp.headers());
                 state.balancer.observe(idx, Observation::Answered { status, retry_after });
-                let last = n + 1 == total;
-                if RETRYABLE.contains(&status) && !(last && is_unanimous_client_error(status, &attempts)) {
-                    let snippet = state.error_excerpt(error_snippet(resp, state.error_read_bytes()));
-                    log::warn!(
-                        "{rid} attempt {}/{total} instance={} status={status} elapsed_ms={} body={:?}",
-                        n + 1,
-                        inst.name,
-                        elapsed.as_millis(),
-                        snippet
-                    );
-                    let outcome = Outcome::Status { status, retry_after };
-                    attempts.push(Attempt { instance: inst.name.clone(), outcome, elapsed });
-                    continue;
+                let last = nth == total;
+                if !RETRYABLE.contains(&status) || (last && is_unanimous_client_error(status, attempts)) {
+                    return Step::Answer(resp);
                 }
-                let tally = Tally {
-                    metrics: &state.metrics,
-                    instance: &inst.name,
-                    deployment: deployment.as_deref(),
-                    started: ex.started,
-                    write_limit: state.config.client_write_timeout,
-                    secrets: &state.secrets,
-                };
-                let mut relayed = stream_response(resp, ex, client, persist, tally);
-                relayed.instance = Some(inst.name.clone());
-                relayed.attempts = attempts.len() + 1;
-                return relayed;
+                let snippet = state.error_excerpt(error_snippet(resp, state.error_read_bytes()));
+                log::warn!(
+                    "{rid} attempt {nth}/{total} instance={} status={status} elapsed_ms={} body={snippet:?}",
+                    inst.name,
+                    elapsed.as_millis(),
+                );
+                let outcome = Outcome::Status { status, retry_after };
+                attempts.push(Attempt { instance: inst.name.clone(), outcome, elapsed });
+                Step::Next
             }
             Err(e) => {
                 let (kind, detail) = classify(&e);
@@ -134,19 +160,39 @@ pub fn relay(state: &State, ex: &Exchange, client: &mut ClientStream, persist: P
                     state.balancer.release(idx);
                     state.metrics.attempts_not_sent.fetch_add(1, Ordering::Relaxed);
                     log::warn!("{rid} request cannot be sent upstream: {detail}");
-                    let msg = format!("the request cannot be forwarded: {detail}");
-                    return respond_error(client, rid, 400, INVALID, &msg, &[], persist);
+                    return Step::Unsendable(format!("the request cannot be forwarded: {detail}"));
                 }
                 let failure = Outcome::Failed { kind, detail };
-                record_failure(state, rid, idx, (n + 1, total), elapsed, failure, &mut attempts);
+                record_failure(state, rid, idx, (nth, total), elapsed, failure, attempts);
+                Step::Next
             }
         }
     }
-    if attempts.is_empty() {
-        // Every planned instance became unavailable before its attempt could start.
-        return unavailable(client, rid, Duration::from_secs(1), false, persist);
+
+    /// Relays instance `idx`'s answer to the client.
+    fn deliver(
+        &self,
+        resp: http::Response<ureq::Body>,
+        idx: usize,
+        attempts: usize,
+        client: &mut ClientStream,
+        persist: Persist,
+    ) -> Relayed {
+        let state = self.state;
+        let inst = &state.config.instances[idx];
+        let tally = Tally {
+            metrics: &state.metrics,
+            instance: &inst.name,
+            deployment: self.deployment.as_deref(),
+            started: self.ex.started,
+            write_limit: state.config.client_write_timeout,
+            secrets: &state.secrets,
+        };
+        let mut relayed = stream_response(resp, self.ex, client, persist, tally);
+        relayed.instance = Some(inst.name.clone());
+        relayed.attempts = attempts;
+        relayed
     }
-    fallback(client, ex, &attempts, persist)
 }
 
 /// Logs and records a failed attempt. Only a failure that says something about the instance counts against its
