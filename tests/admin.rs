@@ -2,15 +2,13 @@
 //! `promtool check metrics` when it is installed), counters that move with traffic, token usage read from
 //! relayed bodies, and endpoints that can be turned off or moved to `admin_listen`.
 
-mod support;
-
 use std::collections::HashMap;
 use std::net::TcpListener;
 use std::time::Duration;
 
-use support::client::{call, chat};
-use support::mock::{azure_like, MockAzure, Recorded, Reply};
-use support::proxy::{self, CHAT};
+use crate::support::client::{call, chat};
+use crate::support::mock::{azure_like, MockAzure, Recorded, Reply};
+use crate::support::proxy::{self, CHAT};
 
 fn metrics(addr: std::net::SocketAddr) -> String {
     let r = call(addr, "GET", "/metrics", &[], b"");

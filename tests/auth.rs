@@ -1,17 +1,15 @@
 //! Client admission: the key allowlist, 401s, blocking an address after repeated bad keys, and keeping the
 //! client key away from the upstream and out of every answer.
 
-mod support;
-
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::time::{Duration, Instant};
 
+use crate::support::client::{call, read_raw_head, Client, Resp};
+use crate::support::mock::{azure_like, MockAzure, Recorded, Reply};
+use crate::support::proxy::{self, CHAT};
 use serde_json::json;
-use support::client::{call, read_raw_head, Client, Resp};
-use support::mock::{azure_like, MockAzure, Recorded, Reply};
-use support::proxy::{self, CHAT};
 
 fn azure_mock() -> MockAzure {
     MockAzure::start(azure_like("east", "key0", Duration::from_millis(1)))

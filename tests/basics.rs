@@ -1,11 +1,9 @@
 //! Forwarding: paths, headers, keys, round-robin, request IDs, local routes.
 
-mod support;
-
+use crate::support::client::{call, chat, Client};
+use crate::support::mock::{azure_like, MockAzure, Reply};
+use crate::support::proxy::{self, CHAT};
 use std::time::Duration;
-use support::client::{call, chat, Client};
-use support::mock::{azure_like, MockAzure, Reply};
-use support::proxy::{self, CHAT};
 
 fn ok_mock(name: &str, key: &str) -> MockAzure {
     MockAzure::start(azure_like(name, key, Duration::from_millis(1)))
@@ -34,7 +32,7 @@ fn chat_completion_is_forwarded_with_the_instance_key_and_unchanged_path() {
 
 #[test]
 fn custom_header_names_move_the_keys() {
-    let m = MockAzure::start(|_: &support::mock::Recorded| Reply::json(200, serde_json::json!({"ok": true})));
+    let m = MockAzure::start(|_: &crate::support::mock::Recorded| Reply::json(200, serde_json::json!({"ok": true})));
     let p = proxy::start_with(
         proxy::instances_for(&[&m]),
         serde_json::json!({"header_name": "X-Upstream-Key", "client_header_name": "X-Client-Key"}),
@@ -62,7 +60,7 @@ fn round_robin_starts_each_request_at_the_next_instance() {
 
 #[test]
 fn every_openai_route_is_forwarded_and_others_are_404_locally() {
-    let m = MockAzure::start(|_: &support::mock::Recorded| Reply::json(200, serde_json::json!({"ok": true})));
+    let m = MockAzure::start(|_: &crate::support::mock::Recorded| Reply::json(200, serde_json::json!({"ok": true})));
     let p = proxy::start(&[&m]);
     let key = [("api-key", "client-key")];
     for path in [
@@ -112,7 +110,7 @@ fn request_ids_are_kept_when_sane_and_replaced_otherwise() {
 
 #[test]
 fn hop_by_hop_headers_are_not_forwarded_either_way() {
-    let m = MockAzure::start(|_: &support::mock::Recorded| {
+    let m = MockAzure::start(|_: &crate::support::mock::Recorded| {
         Reply::json(200, serde_json::json!({"ok": true}))
             .with_header("Keep-Alive", "timeout=5")
             .with_header("X-Secret-Hop", "1")
@@ -185,7 +183,7 @@ fn http_1_0_client_gets_an_answer_and_a_close() {
 
 #[test]
 fn bodies_keep_their_length_and_bodiless_requests_stay_bodiless() {
-    let m = MockAzure::start(|_: &support::mock::Recorded| Reply::json(200, serde_json::json!({"ok": true})));
+    let m = MockAzure::start(|_: &crate::support::mock::Recorded| Reply::json(200, serde_json::json!({"ok": true})));
     let p = proxy::start(&[&m]);
     let r = call(p.addr, "POST", CHAT, &[("api-key", "client-key")], b"");
     assert_eq!(r.status, 200);

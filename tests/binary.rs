@@ -1,15 +1,13 @@
 //! The real binary: command line, exit codes, configuration errors, logging, and the rule that no key ever
 //! appears in a log line or a response.
 
-mod support;
-
 use std::process::Command;
 use std::time::Duration;
 
-use support::client::call;
-use support::mock::{azure_like, MockAzure, Recorded, Reply};
-use support::process::{write_config, Running, BIN};
-use support::proxy::CHAT;
+use crate::support::client::call;
+use crate::support::mock::{azure_like, MockAzure, Recorded, Reply};
+use crate::support::process::{write_config, Running, BIN};
+use crate::support::proxy::CHAT;
 
 fn run(args: &[&str]) -> (i32, String, String) {
     let out = Command::new(BIN).args(args).env_remove("AZURE_PROXY_CONFIG").output().expect("run azure-proxy");

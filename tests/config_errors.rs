@@ -2,11 +2,9 @@
 //! (the file and the field, the environment variable or the flag), what is wrong and the fix; a configuration
 //! without `client_keys` passes with the running proxy's warning.
 
-mod support;
-
 use std::process::Command;
 
-use support::process::{write_config, BIN};
+use crate::support::process::{write_config, BIN};
 
 const GOOD: &str = r#"{"instances": [{"endpoint": "https://a.example", "api_key": "key-AAA"}], "client_keys": ["ck"]}"#;
 

@@ -6,8 +6,6 @@
 //! (`upstream_reset_inside_a_chunked_body_is_never_a_clean_end_for_the_client` and its length-framed and HTTP/1.0
 //! siblings): the client sees an error, never a clean end. It is not repeated here.
 
-mod support;
-
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -15,13 +13,13 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
+use crate::support::client::{call, find, Client, Resp};
+use crate::support::mock::{azure_like, MockAzure, Recorded, Reply};
+use crate::support::process::{write_config, Running};
+use crate::support::proxy::{self, instance, Proxy, CHAT};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use serde_json::{json, Value};
-use support::client::{call, find, Client, Resp};
-use support::mock::{azure_like, MockAzure, Recorded, Reply};
-use support::process::{write_config, Running};
-use support::proxy::{self, instance, Proxy, CHAT};
 
 /// A self-signed end-entity certificate for `wrong.example` (CA:FALSE, valid until 2126) and its key, made once
 /// with the `openssl` CLI (see `fixtures/README.md`). No public root vouches for it: a proxy that checks

@@ -1,8 +1,6 @@
 //! The front end: request framing (chunked, Expect, limits, smuggling), head limits and deadlines, the
 //! connection and queue limits, and what a slow or silent client can and cannot hold.
 
-mod support;
-
 use std::io::ErrorKind;
 use std::net::{SocketAddr, TcpStream};
 use std::os::fd::AsRawFd;
@@ -10,10 +8,10 @@ use std::sync::mpsc;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use crate::support::client::{chat, read_raw_head, Client, Resp};
+use crate::support::mock::{azure_like, MockAzure, Recorded, Reply};
+use crate::support::proxy::{self, CHAT};
 use serde_json::json;
-use support::client::{chat, read_raw_head, Client, Resp};
-use support::mock::{azure_like, MockAzure, Recorded, Reply};
-use support::proxy::{self, CHAT};
 
 /// Deadline for an eventual state (a connection closed, a slot freed). Only reached when the proxy is wrong.
 const EVENTUALLY: Duration = Duration::from_secs(10);

@@ -1,16 +1,14 @@
 //! The process lifecycle, on the real binary: SIGHUP reloads the configuration (or keeps the running one when
 //! the new one is invalid), SIGTERM drains (no new connections, requests in flight finish, exit 0).
 
-mod support;
-
 use std::net::TcpStream;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use support::client::{call, Client};
-use support::mock::{azure_like, MockAzure, Recorded, Reply};
-use support::process::{write_config, Running};
-use support::proxy::CHAT;
+use crate::support::client::{call, Client};
+use crate::support::mock::{azure_like, MockAzure, Recorded, Reply};
+use crate::support::process::{write_config, Running};
+use crate::support::proxy::CHAT;
 
 fn signal(p: &Running, sig: i32) {
     // SAFETY: kill(2) on the pid of a child we spawned and have not reaped.

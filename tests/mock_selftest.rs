@@ -1,14 +1,12 @@
 //! Self-tests of the mock Azure instance (tests/support/mock.rs), using plain std TCP clients.
 
-mod support;
-
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::mpsc;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use support::mock::{azure_like, sse_data_json, MockAzure, Reply};
+use crate::support::mock::{azure_like, sse_data_json, MockAzure, Reply};
 
 struct Resp {
     status: u16,

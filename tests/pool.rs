@@ -2,17 +2,15 @@
 //! fixed pool of 64 (threads start on demand); a request never waits in the queue for a stream to end (it is
 //! answered 503 after `queue_timeout_ms`); idle threads exit down to `idle_workers`.
 
-mod support;
-
 use std::sync::mpsc::{self, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use crate::support::client::{call, Client};
+use crate::support::mock::{MockAzure, Recorded, Reply};
+use crate::support::proxy::{self, CHAT};
 use serde_json::json;
-use support::client::{call, Client};
-use support::mock::{MockAzure, Recorded, Reply};
-use support::proxy::{self, CHAT};
 
 /// A mock whose every request gets an SSE stream: the first event at once, the rest only when the test drops
 /// the stream's gate (kept in `gates`).

@@ -1,15 +1,13 @@
 //! Retries: which failures move the request to the next instance, what a non-retryable answer looks like to the
 //! client, and the fallback answer when every instance failed.
 
-mod support;
-
 use std::net::TcpListener;
 use std::time::Duration;
 
+use crate::support::client::{call, Resp};
+use crate::support::mock::{MockAzure, Recorded, Reply};
+use crate::support::proxy::{self, instance, Proxy, CHAT};
 use serde_json::{json, Value};
-use support::client::{call, Resp};
-use support::mock::{MockAzure, Recorded, Reply};
-use support::proxy::{self, instance, Proxy, CHAT};
 
 /// Short upstream timeouts, for the instances that never answer.
 fn short_timeouts() -> Value {

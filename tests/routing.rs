@@ -8,17 +8,15 @@
 //! inside a [`Window`] that the state is known to last; on a machine slow enough to leave the window the test
 //! checks less, it never fails wrongly.
 
-mod support;
-
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use crate::support::client::{call, Resp};
+use crate::support::mock::{MockAzure, Recorded, Reply};
+use crate::support::proxy::{self, instance, Proxy, CHAT};
 use serde_json::{json, Value};
-use support::client::{call, Resp};
-use support::mock::{MockAzure, Recorded, Reply};
-use support::proxy::{self, instance, Proxy, CHAT};
 
 /// How long a poll waits for the proxy to reach a state before the test fails.
 const POLL_DEADLINE: Duration = Duration::from_secs(10);

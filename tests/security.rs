@@ -3,8 +3,6 @@
 //! upstream servers resolve as traversal, keys echoed back by an upstream, unsolicited protocol switches, and
 //! HTTP/1.1 requests with no or several `Host` headers.
 
-mod support;
-
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -12,10 +10,10 @@ use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
+use crate::support::client::{call, find, Client, Resp};
+use crate::support::mock::{MockAzure, Recorded, Reply};
+use crate::support::proxy::{self, instance, Proxy, CHAT};
 use serde_json::json;
-use support::client::{call, find, Client, Resp};
-use support::mock::{MockAzure, Recorded, Reply};
-use support::proxy::{self, instance, Proxy, CHAT};
 
 const UP_KEY: &str = "UPSTREAMKEYsecurity0123456789abcdefghijklmno";
 const CLIENT_KEY: &str = "CLIENTKEYsecurity0123456789abcdefghijklmnopq";

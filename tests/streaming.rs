@@ -1,8 +1,6 @@
 //! Streaming: upstream bodies reach the client as they arrive (SSE included), with the right framing, and a
 //! broken upstream stream is never passed off as a complete one.
 
-mod support;
-
 use std::io::{self, ErrorKind, Read};
 use std::net::{SocketAddr, TcpListener};
 use std::sync::mpsc::{self, Receiver};
@@ -10,9 +8,9 @@ use std::sync::Mutex;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use support::client::{call, chat, find, Client, Resp};
-use support::mock::{MockAzure, Recorded, Reply};
-use support::proxy::{self, CHAT};
+use crate::support::client::{call, chat, find, Client, Resp};
+use crate::support::mock::{MockAzure, Recorded, Reply};
+use crate::support::proxy::{self, CHAT};
 
 const KEY: (&str, &str) = ("api-key", "client-key");
 

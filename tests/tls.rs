@@ -2,8 +2,6 @@
 //! (`ca_bundle`), and upstream traffic through an HTTP CONNECT proxy (`egress_proxy`). The certificates are test
 //! fixtures made with openssl (see tests/fixtures/README.md).
 
-mod support;
-
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -14,10 +12,10 @@ use std::time::Duration;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 
+use crate::support::client::call;
+use crate::support::mock::{azure_like, MockAzure, Recorded, Reply};
+use crate::support::proxy::{self, NoEnv, CHAT};
 use azure_proxy::config::{Config, Overrides};
-use support::client::call;
-use support::mock::{azure_like, MockAzure, Recorded, Reply};
-use support::proxy::{self, NoEnv, CHAT};
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
@@ -166,7 +164,7 @@ fn private_ca_upstream() -> (SocketAddr, Arc<AtomicUsize>) {
                 let mut req = Vec::new();
                 let mut buf = [0u8; 8192];
                 loop {
-                    let complete = support::client::find(&req, b"\r\n\r\n").is_some_and(|end| {
+                    let complete = crate::support::client::find(&req, b"\r\n\r\n").is_some_and(|end| {
                         let head = String::from_utf8_lossy(&req[..end]).to_ascii_lowercase();
                         let len = head
                             .lines()
