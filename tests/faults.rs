@@ -291,13 +291,13 @@ fn lookup_fails_quickly(host: &'static str) -> Option<String> {
 }
 
 #[test]
+#[ignore = "needs a resolver that answers 'no such host' for .invalid within 3 s; .ci/run checks and runs this"]
 fn an_instance_whose_host_does_not_resolve_fails_over_and_alone_gives_502_naming_the_lookup() {
     const HOST: &str = "nonexistent-host.invalid";
     // The proxy gives ureq no resolve timeout (connect_timeout_ms does not bound the lookup), so a resolver that
     // hangs would hang this test: check the machine first.
     if let Some(why) = lookup_fails_quickly(HOST) {
-        eprintln!("SKIPPED: {why}");
-        return;
+        panic!("this machine cannot run the test: {why}");
     }
     let good = ok_mock("good");
     let dead = instance(&format!("http://{HOST}:80"), "key0", "nowhere");
