@@ -14,6 +14,7 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use crate::support::client::{call, find, Client, Resp};
+use crate::support::eventually;
 use crate::support::mock::{azure_like, MockAzure, Recorded, Reply};
 use crate::support::process::{write_config, Running};
 use crate::support::proxy::{self, instance, Proxy, CHAT};
@@ -30,15 +31,6 @@ const WRONG_KEY: &[u8] = include_bytes!("fixtures/wrong-key.pem");
 // ---------------------------------------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------------------------------------
-
-/// Polls `cond` until it holds or 10 s have passed (generous: only reached when something is wrong).
-fn wait_until(what: &str, cond: impl Fn() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting until {what}");
-        thread::sleep(Duration::from_millis(10));
-    }
-}
 
 /// A healthy instance: 200 with its name in `x-served-by`.
 fn ok_mock(name: &'static str) -> MockAzure {
@@ -257,7 +249,7 @@ fn a_tls_instance_with_a_wrong_certificate_fails_over_and_alone_gives_502_naming
     assert_eq!(r.header("x-served-by"), Some("good"));
     assert_eq!(tls.accepted.load(Ordering::SeqCst), 1, "the TLS instance was tried first");
     assert_eq!(seen(&good, "tls-failover"), 1);
-    wait_until("the TLS server recorded the handshake", || !tls.outcomes.lock().expect("o").is_empty());
+    eventually("the TLS server recorded the handshake", || !tls.outcomes.lock().expect("o").is_empty());
     let outcome = tls.outcomes.lock().expect("o")[0].clone();
     assert!(outcome.starts_with("handshake failed"), "the proxy must refuse the certificate: {outcome}");
 

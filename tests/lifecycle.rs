@@ -6,6 +6,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use crate::support::client::{call, Client};
+use crate::support::eventually;
 use crate::support::mock::{azure_like, MockAzure, Recorded, Reply};
 use crate::support::process::{write_config, Running};
 use crate::support::proxy::CHAT;
@@ -25,15 +26,6 @@ fn config(mock: &MockAzure, client_key: &str, extra: &str) -> String {
 
 fn status_with(p: &Running, key: &str) -> u16 {
     call(p.addr, "POST", CHAT, &[("api-key", key)], b"{}").status
-}
-
-/// Polls `f` until it is true; panics with `what` after 10 s.
-fn eventually(what: &str, f: impl Fn() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting until {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 fn wait_exit(p: &mut Running) -> Option<i32> {

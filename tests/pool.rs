@@ -5,9 +5,10 @@
 use std::sync::mpsc::{self, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::support::client::{call, Client};
+use crate::support::eventually;
 use crate::support::mock::{MockAzure, Recorded, Reply};
 use crate::support::proxy::{self, CHAT};
 use serde_json::json;
@@ -34,14 +35,6 @@ fn first_event(c: &mut Client) {
     let (status, _) = c.read_head().expect("head");
     assert_eq!(status, 200);
     c.read_chunks_until(b"\"first\"").expect("first event");
-}
-
-fn eventually(what: &str, cond: impl Fn() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting until {what}");
-        thread::sleep(Duration::from_millis(20));
-    }
 }
 
 fn metric(addr: std::net::SocketAddr, name: &str) -> i64 {

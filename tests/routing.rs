@@ -14,12 +14,11 @@ use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::support::client::{call, Resp};
+use crate::support::eventually;
 use crate::support::mock::{MockAzure, Recorded, Reply};
 use crate::support::proxy::{self, instance, Proxy, CHAT};
 use serde_json::{json, Value};
 
-/// How long a poll waits for the proxy to reach a state before the test fails.
-const POLL_DEADLINE: Duration = Duration::from_secs(10);
 /// Subtracted from every window, for the proxy's millisecond rounding and clock reads.
 const MARGIN: Duration = Duration::from_millis(20);
 
@@ -37,15 +36,6 @@ impl Window {
     }
     fn open(&self) -> bool {
         Instant::now() < self.0
-    }
-}
-
-/// Calls `done` every 20 ms until it returns true; fails the test after 10 s.
-fn poll_until(what: &str, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + POLL_DEADLINE;
-    while !done() {
-        assert!(Instant::now() < deadline, "not within {POLL_DEADLINE:?}: {what}");
-        thread::sleep(Duration::from_millis(20));
     }
 }
 
@@ -176,7 +166,7 @@ fn assert_cooldown(first: impl Fn() -> Reply + Send + Sync + 'static, at_least: 
     // rather than pass without having checked.
     assert!(checked > 0, "no request fitted inside the cooldown window; nothing was checked");
 
-    poll_until("a request reaches A again after its cooldown", || served(&p) == "A");
+    eventually("a request reaches A again after its cooldown", || served(&p) == "A");
     assert_eq!(a.hits(), 2, "A came back with one request");
 }
 
@@ -302,7 +292,7 @@ fn the_lower_priority_tier_gets_traffic_only_while_the_better_one_cools_down() {
         assert_eq!(a.hits(), 11, "A is not tried while it cools down");
     }
 
-    poll_until("requests return to the better tier", || served(&p) == "A");
+    eventually("requests return to the better tier", || served(&p) == "A");
     for n in 0..5 {
         assert_eq!(served(&p), "A", "request {n} after A's cooldown");
     }
@@ -472,7 +462,7 @@ fn circuit_breaker_opens_probes_once_backs_off_and_closes() {
 
     // Half-open after 200 ms: the first request that reaches A is the one probe; it fails.
     let mut probe = None;
-    poll_until("one request probes A", || {
+    eventually("one request probes A", || {
         let sent = Instant::now();
         assert_eq!(served(&p), "B");
         if a.hits() > 2 {
@@ -506,7 +496,7 @@ fn circuit_breaker_opens_probes_once_backs_off_and_closes() {
 
     // A recovers: the next probe gets an answer and closes the circuit.
     broken.store(false, Ordering::SeqCst);
-    poll_until("a probe succeeds and A serves again", || served(&p) == "A");
+    eventually("a probe succeeds and A serves again", || served(&p) == "A");
     let next: Vec<String> = (0..4).map(|_| served(&p)).collect();
     assert_eq!(next.iter().filter(|s| *s == "A").count(), 2, "closed: A has its round-robin share again: {next:?}");
 }

@@ -9,6 +9,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use crate::support::client::{call, chat, find, Client, Resp};
+use crate::support::eventually;
 use crate::support::mock::{MockAzure, Recorded, Reply};
 use crate::support::proxy::{self, CHAT};
 
@@ -107,14 +108,6 @@ fn replay(bytes: &[u8]) -> Client {
         }
     });
     Client::connect(addr)
-}
-
-fn wait_until(what: &str, cond: impl Fn() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting until {what}");
-        thread::sleep(Duration::from_millis(10));
-    }
 }
 
 #[test]
@@ -325,7 +318,7 @@ fn client_disconnect_mid_stream_closes_the_upstream_connection() {
         let _ = gate.send(());
     }
     drop(gate);
-    wait_until("the proxy closed its upstream connection", || m.open_connections() == 0);
+    eventually("the proxy closed its upstream connection", || m.open_connections() == 0);
 
     let r = chat(p.addr, "{}");
     assert_eq!((r.status, r.json()["ok"].as_bool()), (200, Some(true)));

@@ -2,7 +2,22 @@
 //! raw HTTP/1.1 client that shows exactly what went over the wire).
 #![allow(dead_code)]
 
+use std::time::{Duration, Instant};
+
 pub mod client;
 pub mod mock;
 pub mod process;
 pub mod proxy;
+
+/// How long `eventually` waits: generous, since it is reached only when something is wrong.
+pub const EVENTUALLY: Duration = Duration::from_secs(20);
+
+/// Polls `cond` every 10 ms until it holds; fails the test, naming `what`, after `EVENTUALLY`. For states that
+/// are reached asynchronously (a connection closed, a thread retired), never for timing assertions.
+pub fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + EVENTUALLY;
+    while !cond() {
+        assert!(Instant::now() < deadline, "not within {EVENTUALLY:?}: {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
