@@ -4,7 +4,7 @@
 //! per-instance timeouts, `/readyz`, and the knobs that bring back plain round-robin.
 //!
 //! Timing: nothing asserts how long something took. Waiting for a cooldown or an open circuit to end is a poll
-//! with a 10 s deadline. Checks that a state still holds ("A is skipped while it cools down") are made only
+//! with a deadline (`support::eventually`). Checks that a state still holds ("A is skipped while it cools down") are made only
 //! inside a [`Window`] that the state is known to last; at least one request must fit in each window (a test
 //! that checked nothing would pass wrongly).
 
