@@ -4,9 +4,9 @@
 //! per-instance timeouts, `/readyz`, and the knobs that bring back plain round-robin.
 //!
 //! Timing: nothing asserts how long something took. Waiting for a cooldown or an open circuit to end is a poll
-//! with a deadline (`support::eventually`). Checks that a state still holds ("A is skipped while it cools down") are made only
-//! inside a [`Window`] that the state is known to last; at least one request must fit in each window (a test
-//! that checked nothing would pass wrongly).
+//! with a deadline (`support::eventually`). Checks that a state still holds ("A is skipped while it cools
+//! down") are made only inside a [`Window`] that the state is known to last; at least one request must fit in
+//! each window (a test that checked nothing would pass wrongly).
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
