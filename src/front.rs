@@ -22,7 +22,6 @@ use crate::exchange::respond_error;
 use crate::http::parse::{parse_head, HeadError};
 use crate::http::write::Persist;
 use crate::http::{ClientStream, Conn, Head};
-use crate::lifecycle;
 use crate::pool::{Job, Pool, Returner};
 use crate::request_id;
 use crate::serve::refuse_queued;
@@ -32,6 +31,8 @@ use crate::state::Shared;
 const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
 /// Longest poll sleep, so that deadlines are checked even when nothing happens.
 const MAX_POLL_WAIT: Duration = Duration::from_secs(1);
+/// Poll sleep while draining (see `run`).
+const DRAIN_POLL: Duration = Duration::from_millis(10);
 
 /// A connection waiting in the front thread.
 struct Waiting {
@@ -114,6 +115,7 @@ impl Front {
             if self.drain_deadline.is_some_and(|d| now >= d || self.open.load(Ordering::Relaxed) == 0) {
                 let left = self.open.load(Ordering::Relaxed);
                 log::info!("drained ({left} connection(s) still open); exiting");
+                self.shared.release_signals();
                 return;
             }
             let accepting = self.accept_paused_until.is_none_or(|t| t <= now);
@@ -133,6 +135,9 @@ impl Front {
                 .unwrap_or(MAX_POLL_WAIT)
                 .min(MAX_POLL_WAIT)
                 .min(self.accept_paused_until.map(|t| t.saturating_duration_since(now)).unwrap_or(MAX_POLL_WAIT));
+            // While draining, the last connections close on worker threads, which do not wake this poll: look at
+            // the count often, so that the stop ends as soon as they are gone.
+            let wait = if self.drain_deadline.is_some() { wait.min(DRAIN_POLL) } else { wait };
             // Round up so that a deadline 0.4 ms away does not become a busy loop of zero-timeout polls.
             let wait_ms = wait.as_millis() as i32 + 1;
             if let Err(err) = crate::sys::poll(&mut fds, wait_ms) {
@@ -153,10 +158,11 @@ impl Front {
             if fds[0].revents != 0 {
                 self.take_returned();
             }
-            if lifecycle::take_reload() {
+            let (reload, stop) = self.shared.take_requests();
+            if reload {
                 self.reload();
             }
-            if lifecycle::stop_requested() && self.drain_deadline.is_none() {
+            if stop && self.drain_deadline.is_none() {
                 self.begin_drain();
             }
             if fds[1].revents != 0 {

@@ -13,7 +13,6 @@
 //! (waiting on the channel, or just started); `idle <= live <= max`.
 
 use std::io::{self, Write};
-use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -49,8 +48,8 @@ impl Returner {
     }
 
     /// The write end of the wake-up socket (signal handlers write to it too).
-    pub fn wake_fd(&self) -> std::os::fd::RawFd {
-        self.wake.as_raw_fd()
+    pub fn waker(&self) -> Arc<UnixStream> {
+        Arc::clone(&self.wake)
     }
 
     pub fn give_back(&self, conn: Conn) {

@@ -5,8 +5,10 @@
 //! thread.
 
 use std::io;
+use std::io::Write;
 use std::net::{SocketAddr, TcpListener};
-use std::os::fd::RawFd;
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 
@@ -18,12 +20,14 @@ use crate::pool::{Job, Pool};
 use crate::state::{Shared, State};
 use crate::sys;
 
-/// A running proxy.
+/// A running proxy. Dropping it stops it (as `stop`) and waits for the drain.
 pub struct Server {
     addr: SocketAddr,
-    front: JoinHandle<()>,
+    /// None once joined (`wait`, or the drop).
+    front: Option<JoinHandle<()>>,
     shared: Arc<Shared>,
-    wake_fd: RawFd,
+    /// The write end of the front thread's wake-up socket (kept open by this handle while the server lives).
+    waker: Arc<UnixStream>,
 }
 
 impl Server {
@@ -33,9 +37,19 @@ impl Server {
     }
 
     /// Routes SIGHUP (reload) and SIGTERM/SIGINT (graceful stop) to this server. For the binary; a library user
-    /// may prefer its own signal handling and call `reload`/`lifecycle::request_stop`.
+    /// may prefer its own signal handling and call `reload`/`stop`.
     pub fn handle_signals(&self) -> io::Result<()> {
-        lifecycle::install(self.wake_fd)
+        let slot = lifecycle::install(self.waker.as_raw_fd())?;
+        *self.shared.signals.lock().unwrap_or_else(|p| p.into_inner()) = Some(slot);
+        Ok(())
+    }
+
+    /// Asks for a graceful stop, as SIGTERM does: no new connections, requests in flight finish (for at most
+    /// `drain_seconds`). Returns at once; `wait` (or dropping the server) waits for the end.
+    pub fn stop(&self) {
+        self.shared.stop_requested.store(true, std::sync::atomic::Ordering::SeqCst);
+        // One byte wakes the front thread's poll; a full socket means a wake-up is already pending.
+        let _ = (&*self.waker).write(&[1]);
     }
 
     /// Swaps in a new configuration (validated first; on error the running one stays).
@@ -44,8 +58,19 @@ impl Server {
     }
 
     /// Blocks until the proxy has stopped (after a stop request and the drain).
-    pub fn wait(self) {
-        let _ = self.front.join();
+    pub fn wait(mut self) {
+        if let Some(front) = self.front.take() {
+            let _ = front.join();
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(front) = self.front.take() {
+            self.stop();
+            let _ = front.join();
+        }
     }
 }
 
@@ -74,7 +99,7 @@ fn launch(config: Config, source: Option<Overrides>) -> io::Result<Server> {
     let _ = metrics.open_connections.set(front.open_connections());
     let queue = jobs_rx.clone();
     let _ = metrics.queue_depth.set(Box::new(move || queue.len()));
-    let wake_fd = returner.wake_fd();
+    let waker = returner.waker();
     let pool = Pool::start(Arc::clone(&shared), jobs_rx, returner)?;
     front.set_pool(Arc::clone(&pool));
     let _ = metrics.workers.set(Box::new(move || (pool.live(), pool.idle(), pool.peak())));
@@ -85,5 +110,5 @@ fn launch(config: Config, source: Option<Overrides>) -> io::Result<Server> {
         thread::Builder::new().name("admin".into()).spawn(move || admin::serve_admin(admin, shared))?;
     }
     let front = thread::Builder::new().name("front".into()).spawn(move || front.run())?;
-    Ok(Server { addr, front, shared, wake_fd })
+    Ok(Server { addr, front: Some(front), shared, waker })
 }

@@ -125,11 +125,20 @@ pub struct Shared {
     current: RwLock<Arc<State>>,
     /// Set once a stop was asked for: answers carry `Connection: close` and no connection is kept.
     pub draining: AtomicBool,
+    /// `Server::stop` was called (or a stop signal arrived for this server).
+    pub stop_requested: AtomicBool,
+    /// This server's place in the signal table, once it takes signals (`Server::handle_signals`).
+    pub signals: std::sync::Mutex<Option<crate::lifecycle::SignalSlot>>,
 }
 
 impl Shared {
     pub fn new(state: State) -> Shared {
-        Shared { current: RwLock::new(Arc::new(state)), draining: AtomicBool::new(false) }
+        Shared {
+            current: RwLock::new(Arc::new(state)),
+            draining: AtomicBool::new(false),
+            stop_requested: AtomicBool::new(false),
+            signals: std::sync::Mutex::new(None),
+        }
     }
 
     /// The state to serve one request with.
@@ -159,6 +168,23 @@ impl Shared {
 
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::Relaxed)
+    }
+
+    /// What was asked of this server since the last call, by `Server::stop` or by signals: (reload, stop).
+    pub fn take_requests(&self) -> (bool, bool) {
+        let slot = *self.signals.lock().unwrap_or_else(|p| p.into_inner());
+        let (reload, stop) = slot.map(|s| s.take()).unwrap_or_default();
+        if stop {
+            self.stop_requested.store(true, Ordering::SeqCst);
+        }
+        (reload, self.stop_requested.load(Ordering::SeqCst))
+    }
+
+    /// Gives up this server's place in the signal table (it has stopped).
+    pub fn release_signals(&self) {
+        if let Some(slot) = self.signals.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            slot.release();
+        }
     }
 }
 

@@ -8,15 +8,15 @@ use std::time::{Duration, Instant};
 
 use crate::support::client::{call, read_raw_head, Client, Resp};
 use crate::support::mock::{azure_like, MockAzure, Recorded, Reply};
-use crate::support::proxy::{self, CHAT};
+use crate::support::proxy::{self, Proxy, CHAT};
 use serde_json::json;
 
 fn azure_mock() -> MockAzure {
     MockAzure::start(azure_like("east", "key0", Duration::from_millis(1)))
 }
 
-fn proxy_for(m: &MockAzure, extra: serde_json::Value) -> SocketAddr {
-    proxy::start_with(proxy::instances_for(&[m]), extra).addr
+fn proxy_for(m: &MockAzure, extra: serde_json::Value) -> Proxy {
+    proxy::start_with(proxy::instances_for(&[m]), extra)
 }
 
 /// One chat request on a fresh connection with `key` in `api-key` (none if `None`).
@@ -75,7 +75,8 @@ fn with_key_from(from: Ipv4Addr, addr: SocketAddr, key: &str) -> Resp {
 #[test]
 fn missing_or_wrong_key_is_401_and_the_good_key_passes() {
     let m = azure_mock();
-    let addr = proxy_for(&m, json!({}));
+    let running = proxy_for(&m, json!({}));
+    let addr = running.addr;
     let r = with_key(addr, None);
     assert_error(&r, 401, "no key");
     assert_eq!(r.json()["error"]["type"], "authentication_error");
@@ -92,7 +93,8 @@ fn missing_or_wrong_key_is_401_and_the_good_key_passes() {
 #[test]
 fn repeated_bad_keys_block_the_address() {
     let m = azure_mock();
-    let addr = proxy_for(&m, json!({"max_bad_keys": 3, "block_seconds": 60}));
+    let running = proxy_for(&m, json!({"max_bad_keys": 3, "block_seconds": 60}));
+    let addr = running.addr;
     assert_eq!(with_key(addr, Some("client-key")).status, 200);
     for i in 0..3 {
         assert_error(&with_key(addr, Some(&format!("guess-{i}"))), 401, "bad key before the block");
@@ -110,7 +112,8 @@ fn repeated_bad_keys_block_the_address() {
 #[test]
 fn a_good_key_resets_the_count() {
     let m = azure_mock();
-    let addr = proxy_for(&m, json!({"max_bad_keys": 3, "block_seconds": 60}));
+    let running = proxy_for(&m, json!({"max_bad_keys": 3, "block_seconds": 60}));
+    let addr = running.addr;
     for _ in 0..2 {
         assert_eq!(with_key(addr, Some("bad")).status, 401);
     }
@@ -125,7 +128,8 @@ fn a_good_key_resets_the_count() {
 #[test]
 fn a_block_expires() {
     let m = azure_mock();
-    let addr = proxy_for(&m, json!({"max_bad_keys": 3, "block_seconds": 1}));
+    let running = proxy_for(&m, json!({"max_bad_keys": 3, "block_seconds": 1}));
+    let addr = running.addr;
     for _ in 0..3 {
         assert_eq!(with_key(addr, Some("bad")).status, 401);
     }
@@ -149,7 +153,8 @@ fn a_block_expires() {
 fn a_missing_key_is_not_a_strike() {
     // A client without any key is misconfigured, not guessing: it gets 401s but is never blocked.
     let m = azure_mock();
-    let addr = proxy_for(&m, json!({"max_bad_keys": 3, "block_seconds": 60}));
+    let running = proxy_for(&m, json!({"max_bad_keys": 3, "block_seconds": 60}));
+    let addr = running.addr;
     for _ in 0..5 {
         assert_error(&with_key(addr, None), 401, "missing key");
     }
@@ -159,7 +164,8 @@ fn a_missing_key_is_not_a_strike() {
 #[test]
 fn without_an_allowlist_any_non_empty_key_passes() {
     let m = azure_mock();
-    let addr = proxy_for(&m, json!({"client_keys": []}));
+    let running = proxy_for(&m, json!({"client_keys": []}));
+    let addr = running.addr;
     for key in ["anything", "client-key", "x"] {
         let r = with_key(addr, Some(key));
         assert_eq!(r.status, 200, "{key}: {}", r.text());
@@ -174,7 +180,8 @@ fn without_an_allowlist_any_non_empty_key_passes() {
 #[test]
 fn expect_100_continue_with_a_bad_key_gets_401_and_never_100() {
     let m = azure_mock();
-    let addr = proxy_for(&m, json!({}));
+    let running = proxy_for(&m, json!({}));
+    let addr = running.addr;
     for key in ["api-key: wrong\r\n", ""] {
         let mut c = Client::connect(addr);
         let head = format!(
@@ -196,7 +203,8 @@ fn expect_100_continue_with_a_bad_key_gets_401_and_never_100() {
 #[test]
 fn client_addresses_are_tracked_separately() {
     let m = azure_mock();
-    let addr = proxy_for(&m, json!({"max_bad_keys": 3, "block_seconds": 60}));
+    let running = proxy_for(&m, json!({"max_bad_keys": 3, "block_seconds": 60}));
+    let addr = running.addr;
     let one = Ipv4Addr::new(127, 0, 0, 1);
     let two = Ipv4Addr::new(127, 0, 0, 2);
     for _ in 0..3 {
@@ -228,7 +236,8 @@ fn the_client_key_never_reaches_the_upstream_or_an_answer() {
     };
 
     // Same header for both keys (the default): the instance key replaces the client key.
-    let addr = proxy_for(&m, json!({"client_keys": [KEY], "max_bad_keys": 2, "block_seconds": 60}));
+    let running = proxy_for(&m, json!({"client_keys": [KEY], "max_bad_keys": 2, "block_seconds": 60}));
+    let addr = running.addr;
     let r = call(addr, "POST", CHAT, &[("api-key", KEY), ("Content-Type", "application/json")], b"{}");
     assert_eq!(r.status, 200, "{}", r.text());
     check(&r, "200");
@@ -248,7 +257,8 @@ fn the_client_key_never_reaches_the_upstream_or_an_answer() {
     check(&r, "403");
 
     // Separate client header: it is dropped, not forwarded next to the instance key.
-    let addr = proxy_for(&m, json!({"client_keys": [KEY], "client_header_name": "x-client-key"}));
+    let running = proxy_for(&m, json!({"client_keys": [KEY], "client_header_name": "x-client-key"}));
+    let addr = running.addr;
     let r = call(addr, "POST", CHAT, &[("X-Client-Key", KEY)], b"{}");
     assert_eq!(r.status, 200, "{}", r.text());
     check(&r, "200 (separate header)");

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use crate::support::client::{chat, read_raw_head, Client, Resp};
 use crate::support::mock::{azure_like, MockAzure, Recorded, Reply};
-use crate::support::proxy::{self, CHAT};
+use crate::support::proxy::{self, Proxy, CHAT};
 use serde_json::json;
 
 /// Deadline for an eventual state (a connection closed, a slot freed). Only reached when the proxy is wrong.
@@ -20,8 +20,8 @@ fn ok_mock() -> MockAzure {
     MockAzure::start(|_: &Recorded| Reply::json(200, json!({"ok": true})))
 }
 
-fn proxy_for(m: &MockAzure, extra: serde_json::Value) -> SocketAddr {
-    proxy::start_with(proxy::instances_for(&[m]), extra).addr
+fn proxy_for(m: &MockAzure, extra: serde_json::Value) -> Proxy {
+    proxy::start_with(proxy::instances_for(&[m]), extra)
 }
 
 /// Sends `raw` on a fresh connection and reads one response.
@@ -82,7 +82,8 @@ fn post_head(extra_headers: &str) -> String {
 #[test]
 fn chunked_request_body_is_forwarded_whole_with_a_content_length() {
     let m = ok_mock();
-    let addr = proxy_for(&m, json!({}));
+    let running = proxy_for(&m, json!({}));
+    let addr = running.addr;
     let body = br#"{"messages":[{"role":"user","content":"hello, chunked world"}]}"#;
     let (a, b) = body.split_at(20);
     let mut raw = post_head("Transfer-Encoding: chunked\r\nContent-Type: application/json\r\n").into_bytes();
@@ -102,7 +103,8 @@ fn chunked_request_body_is_forwarded_whole_with_a_content_length() {
 #[test]
 fn expect_100_continue_with_a_good_key_gets_continue_then_the_answer() {
     let m = ok_mock();
-    let addr = proxy_for(&m, json!({}));
+    let running = proxy_for(&m, json!({}));
+    let addr = running.addr;
     let body = br#"{"messages":[]}"#;
     let mut c = Client::connect(addr);
     c.send_raw(post_head(&format!("Expect: 100-continue\r\nContent-Length: {}\r\n", body.len())).as_bytes());
@@ -121,7 +123,8 @@ fn expect_100_continue_with_a_good_key_gets_continue_then_the_answer() {
 #[test]
 fn only_origin_form_targets_are_accepted() {
     let m = ok_mock();
-    let addr = proxy_for(&m, json!({}));
+    let running = proxy_for(&m, json!({}));
+    let addr = running.addr;
     for line in [
         "GET http://evil.example/openai/x HTTP/1.1",
         "OPTIONS * HTTP/1.1",
@@ -141,7 +144,8 @@ fn only_origin_form_targets_are_accepted() {
 #[test]
 fn huge_declared_length_is_refused_before_the_body_is_sent() {
     let m = ok_mock();
-    let addr = proxy_for(&m, json!({}));
+    let running = proxy_for(&m, json!({}));
+    let addr = running.addr;
     // The body is never sent: the answer must come from the head alone.
     let (mut c, r) = raw_call(addr, post_head("Content-Length: 100000000000\r\n").as_bytes());
     assert_error(&r, 413, "100 GB body");
@@ -154,7 +158,8 @@ fn huge_declared_length_is_refused_before_the_body_is_sent() {
 #[test]
 fn bodies_over_max_body_bytes_are_413_whatever_the_framing() {
     let m = ok_mock();
-    let addr = proxy_for(&m, json!({"max_body_bytes": 1000}));
+    let running = proxy_for(&m, json!({"max_body_bytes": 1000}));
+    let addr = running.addr;
 
     let (mut c, r) = raw_call(addr, post_head("Content-Length: 1001\r\n").as_bytes());
     assert_error(&r, 413, "length over the limit");
@@ -187,7 +192,8 @@ fn bodies_over_max_body_bytes_are_413_whatever_the_framing() {
 fn ambiguous_or_unsupported_framing_is_refused() {
     let m = ok_mock();
     // A short body timeout: if a refused framing were accepted, the test fails fast on a 408 instead of hanging.
-    let addr = proxy_for(&m, json!({"body_read_timeout_ms": 2000}));
+    let running = proxy_for(&m, json!({"body_read_timeout_ms": 2000}));
+    let addr = running.addr;
     for (headers, status) in [
         ("Content-Length: 5\r\nTransfer-Encoding: chunked\r\n", 400),
         ("Transfer-Encoding: chunked\r\nContent-Length: 5\r\n", 400),
@@ -210,7 +216,8 @@ fn ambiguous_or_unsupported_framing_is_refused() {
 #[test]
 fn head_limits_are_enforced_with_json_answers_and_a_close() {
     let m = ok_mock();
-    let addr = proxy_for(&m, json!({"max_head_bytes": 4096, "max_headers": 20}));
+    let running = proxy_for(&m, json!({"max_head_bytes": 4096, "max_headers": 20}));
+    let addr = running.addr;
     let big_value = format!("GET /openai/x HTTP/1.1\r\nHost: a\r\nX-Big: {}\r\n\r\n", "a".repeat(5000));
     let many: String = (0..25).map(|i| format!("X-H{i}: v\r\n")).collect();
     let many = format!("GET /openai/x HTTP/1.1\r\nHost: a\r\n{many}\r\n");
@@ -234,7 +241,8 @@ fn head_limits_are_enforced_with_json_answers_and_a_close() {
 #[test]
 fn a_request_line_over_max_head_bytes_is_414() {
     let m = ok_mock();
-    let addr = proxy_for(&m, json!({"max_head_bytes": 4096}));
+    let running = proxy_for(&m, json!({"max_head_bytes": 4096}));
+    let addr = running.addr;
     // A whole request whose request line alone is over the limit: the target is what is too long.
     let raw = format!("GET /openai/{} HTTP/1.1\r\nHost: a\r\napi-key: client-key\r\n\r\n", "a".repeat(5000));
     let (mut c, r) = raw_call(addr, raw.as_bytes());
@@ -247,7 +255,8 @@ fn a_request_line_over_max_head_bytes_is_414() {
 #[test]
 fn an_unfinished_head_gets_408_and_a_close() {
     let m = ok_mock();
-    let addr = proxy_for(&m, json!({"head_timeout_ms": 200}));
+    let running = proxy_for(&m, json!({"head_timeout_ms": 200}));
+    let addr = running.addr;
     let mut c = Client::connect(addr);
     c.send_raw(b"POST /openai/x HTTP/1.1\r\nHost: a\r\n");
     let r = c.read_response(false).expect("an answer to the stalled head");
@@ -259,7 +268,8 @@ fn an_unfinished_head_gets_408_and_a_close() {
 #[test]
 fn an_idle_keep_alive_connection_is_closed_after_idle_timeout() {
     let m = ok_mock();
-    let addr = proxy_for(&m, json!({"idle_timeout_ms": 200}));
+    let running = proxy_for(&m, json!({"idle_timeout_ms": 200}));
+    let addr = running.addr;
     let mut c = Client::connect(addr);
     good_request(&mut c);
     assert_closed(&mut c, "idle keep-alive connection");
@@ -268,7 +278,8 @@ fn an_idle_keep_alive_connection_is_closed_after_idle_timeout() {
 #[test]
 fn idle_keep_alive_connections_do_not_hold_workers() {
     let m = ok_mock();
-    let addr = proxy_for(&m, json!({"workers": 1}));
+    let running = proxy_for(&m, json!({"workers": 1}));
+    let addr = running.addr;
     let mut idle: Vec<Client> = (0..5).map(|_| Client::connect(addr)).collect();
     for c in &mut idle {
         good_request(c);
@@ -293,7 +304,8 @@ fn a_full_queue_answers_503_with_retry_after() {
         }
         Reply::json(200, json!({"ok": true}))
     });
-    let addr = proxy_for(&m, json!({"workers": 1, "queue_size": 1}));
+    let running = proxy_for(&m, json!({"workers": 1, "queue_size": 1}));
+    let addr = running.addr;
 
     // A holds the only worker: its stream stops after the first event until the test opens the gate.
     let mut a = Client::connect(addr);
@@ -331,7 +343,8 @@ fn a_full_queue_answers_503_with_retry_after() {
 #[test]
 fn max_connections_refuses_extra_connections_until_some_close() {
     let m = ok_mock();
-    let addr = proxy_for(&m, json!({"max_connections": 3}));
+    let running = proxy_for(&m, json!({"max_connections": 3}));
+    let addr = running.addr;
     let mut held: Vec<Client> = (0..3).map(|_| Client::connect(addr)).collect();
     for c in &mut held {
         good_request(c);
@@ -368,7 +381,8 @@ fn a_client_that_stops_reading_frees_its_worker_and_upstream() {
             Reply::json(200, json!({"ok": true}))
         }
     });
-    let addr = proxy_for(&m, json!({"workers": 1, "client_write_timeout_ms": 300}));
+    let running = proxy_for(&m, json!({"workers": 1, "client_write_timeout_ms": 300}));
+    let addr = running.addr;
     let mut stalled = Client::connect(addr);
     stalled.send("POST", CHAT, &[("api-key", "client-key"), ("x-test", "big")], b"{}");
     // `stalled` never reads: the worker's writes block once the socket buffers are full.
@@ -391,7 +405,8 @@ fn a_client_that_stops_reading_frees_its_worker_and_upstream() {
 #[test]
 fn an_early_error_keeps_the_connection_only_when_no_body_is_pending() {
     let m = azure_like_mock();
-    let addr = proxy_for(&m, json!({}));
+    let running = proxy_for(&m, json!({}));
+    let addr = running.addr;
 
     // 401 before a body was read: the unread body would be taken for the next request, so the proxy closes.
     let mut c = Client::connect(addr);

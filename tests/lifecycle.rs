@@ -148,3 +148,17 @@ fn sigterm_with_only_idle_connections_exits_at_once() {
     assert_eq!(wait_exit(&mut p), Some(0));
     assert!(idle.is_closed(), "the idle keep-alive connection was closed");
 }
+
+#[test]
+fn stopping_one_in_process_server_leaves_another_serving() {
+    // The stop flag belongs to each server: two in one process (the tests' own situation) stop separately.
+    let m = MockAzure::start(azure_like("east", "key0", Duration::from_millis(1)));
+    let first = crate::support::proxy::start(&[&m]);
+    let second = crate::support::proxy::start(&[&m]);
+    assert_eq!(call(first.addr, "GET", "/healthz", &[], b"").status, 200);
+    let first_addr = first.addr;
+    first.server.stop();
+    eventually("the stopped server closes its listener", || std::net::TcpStream::connect(first_addr).is_err());
+    drop(first); // joins its front thread: returns once it has drained
+    assert_eq!(call(second.addr, "GET", "/healthz", &[], b"").status, 200, "the other server still serves");
+}

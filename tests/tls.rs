@@ -14,7 +14,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 
 use crate::support::client::call;
 use crate::support::mock::{azure_like, MockAzure, Recorded, Reply};
-use crate::support::proxy::{self, NoEnv, CHAT};
+use crate::support::proxy::{self, NoEnv, Proxy, CHAT};
 use azure_proxy::config::{Config, Overrides};
 
 fn fixture(name: &str) -> PathBuf {
@@ -41,12 +41,12 @@ fn tls_connect(addr: SocketAddr) -> rustls::StreamOwned<rustls::ClientConnection
     rustls::StreamOwned::new(conn, tcp)
 }
 
-fn tls_proxy(mocks: &[&MockAzure]) -> SocketAddr {
+fn tls_proxy(mocks: &[&MockAzure]) -> Proxy {
     let extra = serde_json::json!({
         "tls_cert": fixture("localhost-cert.pem"),
         "tls_key": fixture("localhost-key.pem"),
     });
-    proxy::start_with(proxy::instances_for(mocks), extra).addr
+    proxy::start_with(proxy::instances_for(mocks), extra)
 }
 
 /// Reads one response head from a TLS stream, byte by byte.
@@ -69,7 +69,8 @@ fn content_length(head: &str) -> usize {
 #[test]
 fn https_listener_serves_keep_alive_requests() {
     let m = MockAzure::start(azure_like("east", "key0", Duration::from_millis(1)));
-    let addr = tls_proxy(&[&m]);
+    let running = tls_proxy(&[&m]);
+    let addr = running.addr;
     let mut tls = tls_connect(addr);
     for _ in 0..3 {
         let req = format!("POST {CHAT} HTTP/1.1\r\nHost: x\r\napi-key: client-key\r\nContent-Length: 2\r\n\r\n{{}}");
@@ -98,7 +99,8 @@ fn https_listener_streams_events_live() {
         pause: Duration::ZERO,
         gate: gate.lock().expect("gate").take(),
     });
-    let addr = tls_proxy(&[&m]);
+    let running = tls_proxy(&[&m]);
+    let addr = running.addr;
     let mut tls = tls_connect(addr);
     let req = format!("POST {CHAT} HTTP/1.1\r\nHost: x\r\napi-key: client-key\r\nContent-Length: 2\r\n\r\n{{}}");
     tls.write_all(req.as_bytes()).expect("write");

@@ -15,8 +15,10 @@ impl Env for NoEnv {
     }
 }
 
+/// An in-process proxy; dropping it stops it (`Server`'s drop: graceful stop, then the front thread is joined).
 pub struct Proxy {
     pub addr: SocketAddr,
+    pub server: azure_proxy::Server,
 }
 
 /// Instance list entries: (endpoint URL, key, name).
@@ -29,13 +31,15 @@ pub fn instances_for(mocks: &[&MockAzure]) -> Vec<serde_json::Value> {
     mocks.iter().enumerate().map(|(i, m)| instance(&m.url(), &format!("key{i}"), &format!("m{i}"))).collect()
 }
 
-/// Starts a proxy with the given instances, client key `client-key`, 4 workers, and `extra` fields merged into
+/// Starts a proxy with the given instances, client key `client-key`, 4 workers, a 1 s drain (so that a test
+/// that leaves a request hanging does not wait 30 s when its proxy is dropped), and `extra` fields merged into
 /// the config object (they override the defaults here).
 pub fn start_with(instances: Vec<serde_json::Value>, extra: serde_json::Value) -> Proxy {
     let mut cfg = serde_json::json!({
         "instances": instances,
         "client_keys": ["client-key"],
         "workers": 4,
+        "drain_seconds": 1,
     });
     if let (Some(obj), Some(more)) = (cfg.as_object_mut(), extra.as_object()) {
         for (k, v) in more {
@@ -46,10 +50,7 @@ pub fn start_with(instances: Vec<serde_json::Value>, extra: serde_json::Value) -
     let config = Config::from_json(&cfg.to_string(), Path::new("test-config.json"), &overrides, &NoEnv)
         .expect("test config is valid");
     let server = azure_proxy::start(config).expect("proxy starts");
-    let addr = server.local_addr();
-    // The server's threads live until the test process exits.
-    std::mem::forget(server);
-    Proxy { addr }
+    Proxy { addr: server.local_addr(), server }
 }
 
 pub fn start(mocks: &[&MockAzure]) -> Proxy {
