@@ -58,6 +58,8 @@ for c in $CONNS; do
 done
 
 log() { printf '\033[1m[bench %s]\033[0m %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+# shellcheck source=bench/lib.sh
+. "$ROOT/bench/lib.sh"
 
 # ------------------------------------------------------------------------------------------------------------
 # Everything started here is stopped on exit, on failure and on Ctrl-C.
@@ -87,17 +89,7 @@ trap 'log "interrupted"; exit 130' INT TERM
 # ------------------------------------------------------------------------------------------------------------
 # Tools: wrk and nginx from Debian's packages (installed if missing), python3, curl.
 # ------------------------------------------------------------------------------------------------------------
-missing=()
-for tool in wrk:wrk nginx:nginx curl:curl python3:python3; do
-    command -v "${tool%%:*}" >/dev/null 2>&1 || [ -x "/usr/sbin/${tool%%:*}" ] || missing+=("${tool#*:}")
-done
-if [ "${#missing[@]}" -gt 0 ]; then
-    log "installing ${missing[*]} with apt-get"
-    SUDO=""
-    [ "$(id -u)" = 0 ] || SUDO="sudo"
-    $SUDO apt-get update
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y --no-install-recommends "${missing[@]}"
-fi
+ensure_tools wrk:wrk nginx:nginx curl:curl python3:python3
 NGINX="$(command -v nginx || echo /usr/sbin/nginx)"
 
 # ------------------------------------------------------------------------------------------------------------
@@ -141,10 +133,6 @@ SLOW1=$((BASE + 7)) SLOW2=$((BASE + 8)) SLOW3=$((BASE + 9)) # mock instances, 1 
 MPROXY_PORT=$((BASE + 10))                    # azure-proxy over the slow mocks (256 streams)
 STARTUP_PORT=$((BASE + 16))                   # start-up probe: one fresh port per repetition
 log "ports ${BASE}-$((BASE + NPORTS - 1)) on 127.0.0.1"
-
-# wait_for LOGFILE TEXT PID: at most 15 s until TEXT appears in LOGFILE.
-# shellcheck source=bench/lib.sh
-. "$ROOT/bench/lib.sh"
 
 # expect_200 URL KEY: one POST must answer 200 (a misconfigured target must not be benchmarked as "fast").
 expect_200() {

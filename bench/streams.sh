@@ -43,6 +43,8 @@ done
 [[ "$RAMP_S" =~ ^[0-9]+(\.[0-9]+)?$ ]] || { echo "bench: BENCH_STREAMS_RAMP_S must be a number" >&2; exit 2; }
 
 log() { printf '\033[1m[bench-streams %s]\033[0m %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+# shellcheck source=bench/lib.sh
+. "$ROOT/bench/lib.sh"
 
 # ------------------------------------------------------------------------------------------------------------
 # Everything started here is stopped on exit, on failure and on Ctrl-C.
@@ -74,17 +76,7 @@ trap 'log "interrupted"; exit 130' INT TERM
 # ------------------------------------------------------------------------------------------------------------
 # Tools and builds.
 # ------------------------------------------------------------------------------------------------------------
-missing=()
-for tool in nginx:nginx curl:curl python3:python3; do
-    command -v "${tool%%:*}" >/dev/null 2>&1 || [ -x "/usr/sbin/${tool%%:*}" ] || missing+=("${tool#*:}")
-done
-if [ "${#missing[@]}" -gt 0 ]; then
-    log "installing ${missing[*]} with apt-get"
-    SUDO=""
-    [ "$(id -u)" = 0 ] || SUDO="sudo"
-    $SUDO apt-get update
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y --no-install-recommends "${missing[@]}"
-fi
+ensure_tools nginx:nginx curl:curl python3:python3
 NGINX="$(command -v nginx || echo /usr/sbin/nginx)"
 
 [ -n "${BENCH_PROXY_BIN:-}" ] || cargo build --release --bin azure-proxy
@@ -109,8 +101,6 @@ NGX_PORT=$((BASE + 3))
 PROXY_PORT=$((BASE + 4))
 log "ports ${BASE}-$((BASE + 7)) on 127.0.0.1"
 
-# shellcheck source=bench/lib.sh
-. "$ROOT/bench/lib.sh"
 backlog_of() { # backlog_of PORT: the listen backlog the kernel holds for 127.0.0.1:PORT (ss Send-Q)
     ss -Hltn "sport = :$1" 2>/dev/null | awk 'NR == 1 {print $3}'
 }
