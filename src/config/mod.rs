@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use crate::client_ip::Cidr;
 
+mod check;
 #[cfg(test)]
 mod error_tests;
 mod file;
