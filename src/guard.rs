@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::config::{Config, Secret};
+use crate::http::parse::Head;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
@@ -80,19 +81,22 @@ impl Guard {
         }
     }
 
-    /// Decides whether a request from `ip` carrying `key` may go on, and records the outcome.
-    pub fn check(&self, ip: IpAddr, key: Option<&[u8]>) -> Verdict {
+    /// Decides whether a request from `ip` presenting `keys` (the forms of one key, see `presented_keys`) may go
+    /// on, and records the outcome.
+    pub fn check(&self, ip: IpAddr, keys: &[&[u8]]) -> Verdict {
         let now = Instant::now();
         if let Some(secs) = self.blocked_for(ip, now) {
             return Verdict::Blocked { retry_after_secs: secs };
         }
-        let key = match key {
-            Some(k) if !k.is_empty() => k,
-            _ => return Verdict::MissingKey,
-        };
-        // Compare against every key, always, so that the time taken does not tell which one nearly matched.
+        if keys.is_empty() {
+            return Verdict::MissingKey;
+        }
+        // Compare every form against every key, always, so that the time taken does not tell which one nearly
+        // matched.
         let good = self.keys.is_empty()
-            || self.keys.iter().fold(false, |found, k| found | constant_time_eq(k.expose().as_bytes(), key));
+            || self.keys.iter().fold(false, |found, k| {
+                keys.iter().fold(found, |found, key| found | constant_time_eq(k.expose().as_bytes(), key))
+            });
         if good {
             self.forgive(ip);
             Verdict::Allowed
@@ -188,6 +192,39 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     diff == 0
 }
 
+/// Why a request's client key could not be read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyConflict {
+    /// `client_header_name` and `Authorization: Bearer` carry different keys.
+    TwoKeys,
+}
+
+/// The client key a request presents, in the forms to compare: from `client_header_name` (default `api-key`,
+/// what `AzureOpenAI` clients send) or from `Authorization: Bearer <key>` (what `OpenAI` clients of the v1 API
+/// send; the scheme in any case). Both may come (an SDK configured both ways) if they carry the same key.
+/// When `client_header_name` is `authorization` itself (an old configuration listing `"Bearer <key>"` in
+/// `client_keys`), the whole value and the bearer token are both forms of the one key.
+pub fn presented_keys<'a>(head: &'a Head, client_header_name: &str) -> Result<Vec<&'a [u8]>, KeyConflict> {
+    let named = head.header(client_header_name).filter(|v| !v.is_empty());
+    let bearer = head.header("authorization").and_then(bearer_token);
+    Ok(match (named, bearer) {
+        (Some(n), Some(b)) if client_header_name == "authorization" => vec![n, b],
+        (Some(n), Some(b)) if !constant_time_eq(n, b) => return Err(KeyConflict::TwoKeys),
+        (Some(k), _) | (None, Some(k)) => vec![k],
+        (None, None) => Vec::new(),
+    })
+}
+
+/// The token of an `Authorization: Bearer <token>` value (RFC 6750 §2.1; the scheme is case-insensitive).
+fn bearer_token(value: &[u8]) -> Option<&[u8]> {
+    let (scheme, rest) = value.split_at(value.iter().position(|b| *b == b' ')?);
+    if !scheme.eq_ignore_ascii_case(b"bearer") {
+        return None;
+    }
+    let token = rest.trim_ascii();
+    (!token.is_empty()).then_some(token)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -214,42 +251,69 @@ mod tests {
     fn strikes_block_and_good_key_resets() {
         let g = guard(r#", "max_bad_keys": 3, "block_seconds": 60"#);
         let ip: IpAddr = "10.0.0.1".parse().expect("ip");
-        assert_eq!(g.check(ip, Some(b"bad")), Verdict::BadKey);
-        assert_eq!(g.check(ip, Some(b"bad")), Verdict::BadKey);
-        assert_eq!(g.check(ip, Some(b"good")), Verdict::Allowed);
+        assert_eq!(g.check(ip, &[b"bad"]), Verdict::BadKey);
+        assert_eq!(g.check(ip, &[b"bad"]), Verdict::BadKey);
+        assert_eq!(g.check(ip, &[b"good"]), Verdict::Allowed);
         assert_eq!(g.tracked_clients(), 0);
         for _ in 0..3 {
-            assert_eq!(g.check(ip, Some(b"bad")), Verdict::BadKey);
+            assert_eq!(g.check(ip, &[b"bad"]), Verdict::BadKey);
         }
-        assert!(matches!(g.check(ip, Some(b"good")), Verdict::Blocked { retry_after_secs: 60 }));
+        assert!(matches!(g.check(ip, &[b"good"]), Verdict::Blocked { retry_after_secs: 60 }));
         let other: IpAddr = "10.0.0.2".parse().expect("ip");
-        assert_eq!(g.check(other, Some(b"also")), Verdict::Allowed);
-        assert_eq!(g.check(other, None), Verdict::MissingKey);
+        assert_eq!(g.check(other, &[b"also"]), Verdict::Allowed);
+        assert_eq!(g.check(other, &[]), Verdict::MissingKey);
     }
 
     #[test]
     fn a_full_table_still_blocks_new_offenders_and_keeps_blocks() {
         let g = guard(r#", "max_tracked_clients": 10, "max_bad_keys": 2"#);
         let first: IpAddr = "10.9.9.9".parse().expect("ip");
-        g.check(first, Some(b"bad"));
-        g.check(first, Some(b"bad"));
+        g.check(first, &[b"bad"]);
+        g.check(first, &[b"bad"]);
         for i in 0..1000u32 {
-            g.check(IpAddr::from(i.to_be_bytes()), Some(b"bad"));
+            g.check(IpAddr::from(i.to_be_bytes()), &[b"bad"]);
         }
         assert!(g.tracked_clients() <= 10);
-        assert!(matches!(g.check(first, Some(b"good")), Verdict::Blocked { .. }), "a block in force survives");
+        assert!(matches!(g.check(first, &[b"good"]), Verdict::Blocked { .. }), "a block in force survives");
         let late: IpAddr = "10.8.8.8".parse().expect("ip");
-        g.check(late, Some(b"bad"));
-        g.check(late, Some(b"bad"));
-        assert!(matches!(g.check(late, Some(b"good")), Verdict::Blocked { .. }), "new offenders are still counted");
+        g.check(late, &[b"bad"]);
+        g.check(late, &[b"bad"]);
+        assert!(matches!(g.check(late, &[b"good"]), Verdict::Blocked { .. }), "new offenders are still counted");
     }
 
     #[test]
     fn table_is_bounded() {
         let g = guard(r#", "max_tracked_clients": 10"#);
         for i in 0..100u32 {
-            g.check(IpAddr::from(i.to_be_bytes()), Some(b"bad"));
+            g.check(IpAddr::from(i.to_be_bytes()), &[b"bad"]);
         }
         assert!(g.tracked_clients() <= 10);
+    }
+
+    fn head(text: &str) -> Head {
+        crate::http::parse::parse_head(text.as_bytes(), 65536, 100).expect("parses").expect("complete")
+    }
+
+    #[test]
+    fn keys_from_the_named_header_or_a_bearer_token() {
+        let keys = |extra: &str, named: &str| {
+            let h = head(&format!("GET / HTTP/1.1\r\nHost: h\r\n{extra}\r\n"));
+            presented_keys(&h, named)
+                .map(|v| v.iter().map(|k| String::from_utf8_lossy(k).into_owned()).collect::<Vec<_>>())
+        };
+        assert_eq!(keys("api-key: k1\r\n", "api-key"), Ok(vec!["k1".to_string()]));
+        assert_eq!(keys("Authorization: Bearer k1\r\n", "api-key"), Ok(vec!["k1".to_string()]));
+        assert_eq!(keys("Authorization: bearer   k1 \r\n", "api-key"), Ok(vec!["k1".to_string()]));
+        assert_eq!(keys("Authorization: BEARER k1\r\n", "api-key"), Ok(vec!["k1".to_string()]));
+        assert_eq!(keys("api-key: k1\r\nAuthorization: Bearer k1\r\n", "api-key"), Ok(vec!["k1".to_string()]));
+        assert_eq!(keys("api-key: k1\r\nAuthorization: Bearer k2\r\n", "api-key"), Err(KeyConflict::TwoKeys));
+        assert_eq!(keys("Authorization: Basic dTpw\r\n", "api-key"), Ok(vec![]));
+        assert_eq!(keys("Authorization: Bearer\r\n", "api-key"), Ok(vec![]));
+        assert_eq!(keys("api-key:\r\n", "api-key"), Ok(vec![]));
+        // The old way to take v1 clients: client_header_name "Authorization" with "Bearer <key>" in client_keys.
+        assert_eq!(
+            keys("Authorization: Bearer k1\r\n", "authorization"),
+            Ok(vec!["Bearer k1".to_string(), "k1".to_string()])
+        );
     }
 }

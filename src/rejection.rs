@@ -37,6 +37,9 @@ pub enum Rejection {
     MissingKey { header: String },
     /// A key not in the allowlist (401).
     BadKey,
+    /// Two different keys, in `client_header_name` and `Authorization: Bearer` (401; not a strike: the request
+    /// is refused whatever the keys, so it tells a guesser nothing).
+    TwoKeys,
     /// An `Expect` other than `100-continue` (417).
     Expectation,
     /// Broken chunked framing in the body (400).
@@ -54,7 +57,7 @@ impl Rejection {
             Rejection::BodyTooLarge { .. } => 413,
             Rejection::NotFound => 404,
             Rejection::Blocked { .. } => 403,
-            Rejection::MissingKey { .. } | Rejection::BadKey => 401,
+            Rejection::MissingKey { .. } | Rejection::BadKey | Rejection::TwoKeys => 401,
             Rejection::Expectation => 417,
             Rejection::BodyTimeout => 408,
         }
@@ -65,7 +68,7 @@ impl Rejection {
         match self {
             Rejection::NotFound => "not_found_error",
             Rejection::Blocked { .. } => "permission_error",
-            Rejection::MissingKey { .. } | Rejection::BadKey => "authentication_error",
+            Rejection::MissingKey { .. } | Rejection::BadKey | Rejection::TwoKeys => "authentication_error",
             _ => INVALID,
         }
     }
@@ -80,7 +83,10 @@ impl Rejection {
             Rejection::Target(t) => Cow::Borrowed(t.message()),
             Rejection::NotFound => Cow::Borrowed("not found: only /openai/ routes are proxied"),
             Rejection::Blocked { .. } => Cow::Borrowed("too many invalid keys from this address; blocked for now"),
-            Rejection::MissingKey { header } => Cow::Owned(format!("missing client key in header {header}")),
+            Rejection::MissingKey { header } => {
+                Cow::Owned(format!("missing client key: send it in header {header} or as Authorization: Bearer <key>"))
+            }
+            Rejection::TwoKeys => Cow::Borrowed("two different client keys (api-key header and Authorization)"),
             Rejection::BadKey => Cow::Borrowed("invalid client key"),
             Rejection::Expectation => Cow::Borrowed("unsupported Expect value"),
             Rejection::BodyTimeout => Cow::Borrowed("request body not received in time"),
@@ -90,7 +96,7 @@ impl Rejection {
     /// Whether the connection closes whatever else holds: the request's framing or body is in doubt, or the
     /// client is blocked.
     fn closes(&self) -> bool {
-        !matches!(self, Rejection::NotFound | Rejection::MissingKey { .. } | Rejection::BadKey)
+        !matches!(self, Rejection::NotFound | Rejection::MissingKey { .. } | Rejection::BadKey | Rejection::TwoKeys)
     }
 
     /// Writes the refusal. `unread` is how the connection ends when the refusal itself does not close it: closed
@@ -157,6 +163,7 @@ mod tests {
             (Rejection::Blocked { retry_after_secs: 3 }, 403, "permission_error", true),
             (Rejection::MissingKey { header: "api-key".into() }, 401, "authentication_error", false),
             (Rejection::BadKey, 401, "authentication_error", false),
+            (Rejection::TwoKeys, 401, "authentication_error", false),
             (Rejection::Expectation, 417, INVALID, true),
             (Rejection::BodyMalformed("m"), 400, INVALID, true),
             (Rejection::BodyTimeout, 408, INVALID, true),
@@ -168,7 +175,7 @@ mod tests {
         assert_eq!(Rejection::BodyTooLarge { max: 7 }.message(), "request body larger than 7 bytes");
         assert_eq!(
             Rejection::MissingKey { header: "api-key".into() }.message(),
-            "missing client key in header api-key"
+            "missing client key: send it in header api-key or as Authorization: Bearer <key>"
         );
     }
 }

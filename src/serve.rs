@@ -11,7 +11,7 @@ use crate::access_log;
 use crate::admin;
 use crate::client_ip;
 use crate::exchange::{respond_bytes, respond_error, Exchange, Relayed};
-use crate::guard::Verdict;
+use crate::guard::{self, Verdict};
 use crate::http::body::{self, BodyError};
 use crate::http::parse::{Framing, FramingError, Head};
 use crate::http::target::{self, TargetError};
@@ -129,7 +129,14 @@ fn admit(
     if !path.starts_with("/openai/") {
         return Err(Rejection::NotFound.into());
     }
-    let verdict = state.guard.check(client, head.header(&cfg.client_header_name));
+    let keys = guard::presented_keys(head, &cfg.client_header_name).map_err(|_| {
+        log::warn!(
+            "{rid} two different client keys from {client} (header {} and Authorization)",
+            cfg.client_header_name
+        );
+        Rejection::TwoKeys
+    })?;
+    let verdict = state.guard.check(client, &keys);
     if verdict == Verdict::BadKey {
         log::warn!("{rid} invalid client key from {client}");
     }

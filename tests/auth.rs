@@ -271,3 +271,56 @@ fn the_client_key_never_reaches_the_upstream_or_an_answer() {
         assert!(!String::from_utf8_lossy(&seen.body).contains(KEY));
     }
 }
+
+#[test]
+fn v1_clients_send_their_key_as_a_bearer_token_in_any_case() {
+    let m = azure_mock();
+    let running = proxy_for(&m, json!({"max_bad_keys": 3, "block_seconds": 60}));
+    let v1 = "/openai/v1/chat/completions";
+    let body = br#"{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}]}"#;
+    for scheme in ["Bearer", "bearer", "BEARER"] {
+        let auth = format!("{scheme} client-key");
+        let r = call(running.addr, "POST", v1, &[("Authorization", &auth), ("Content-Type", "application/json")], body);
+        assert_eq!(r.status, 200, "{scheme}: {}", r.text());
+        let seen = m.last_request().expect("forwarded");
+        assert_eq!(seen.path(), v1);
+        assert_eq!(seen.header_count("authorization"), 0, "the bearer key is not forwarded");
+        assert_eq!(seen.header("api-key"), Some("key0"));
+    }
+    // Both headers with the same key: fine.
+    let headers = [("api-key", "client-key"), ("Authorization", "Bearer client-key")];
+    assert_eq!(call(running.addr, "POST", CHAT, &headers, b"{}").status, 200);
+    // A wrong bearer key is a wrong key: 401 and a strike.
+    for _ in 0..3 {
+        let r = call(running.addr, "POST", v1, &[("Authorization", "Bearer wrong")], body);
+        assert_eq!(r.status, 401, "{}", r.text());
+    }
+    let r = call(running.addr, "POST", v1, &[("Authorization", "Bearer client-key")], body);
+    assert_eq!(r.status, 403, "three bad bearer keys block the address like three bad api-keys");
+}
+
+#[test]
+fn two_different_keys_are_refused_without_a_strike_and_an_old_authorization_config_still_works() {
+    let m = azure_mock();
+    let running = proxy_for(&m, json!({"max_bad_keys": 2, "block_seconds": 60}));
+    let before = m.hits();
+    for _ in 0..4 {
+        let headers = [("api-key", "client-key"), ("Authorization", "Bearer other-key")];
+        let r = call(running.addr, "POST", CHAT, &headers, b"{}");
+        assert_eq!(r.status, 401, "{}", r.text());
+        assert!(r.text().contains("two different client keys"), "{}", r.text());
+    }
+    assert_eq!(m.hits(), before, "refused before any attempt");
+    let r = call(running.addr, "POST", CHAT, &[("api-key", "client-key")], b"{}");
+    assert_eq!(r.status, 200, "four conflicting requests are not four strikes: {}", r.text());
+    let r = call(running.addr, "POST", CHAT, &[], b"{}");
+    assert_eq!(r.status, 401);
+    assert!(r.text().contains("Authorization: Bearer"), "the message says both ways: {}", r.text());
+
+    // The old workaround: client_header_name "Authorization" with "Bearer <key>" listed as the key.
+    let old = proxy_for(&m, json!({"client_header_name": "Authorization", "client_keys": ["Bearer legacy-key"]}));
+    let r = call(old.addr, "POST", CHAT, &[("Authorization", "Bearer legacy-key")], b"{}");
+    assert_eq!(r.status, 200, "{}", r.text());
+    let r = call(old.addr, "POST", CHAT, &[("Authorization", "Bearer nope")], b"{}");
+    assert_eq!(r.status, 401);
+}

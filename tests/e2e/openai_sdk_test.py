@@ -94,6 +94,15 @@ class Setup:
             timeout=30,
         )
 
+    def v1_client(self, api_key=CLIENT_KEY):
+        """The plain `OpenAI` client on Azure's v1 API: it sends its key as `Authorization: Bearer`."""
+        return openai.OpenAI(
+            base_url=f"http://127.0.0.1:{self.port}/openai/v1/",
+            api_key=api_key,
+            max_retries=0,
+            timeout=30,
+        )
+
 
 def test_plain_completion_round_robin(env):
     client = env.client()
@@ -128,6 +137,17 @@ def test_streamed_completion_is_live(env):
     assert spread >= 3 * 0.15, f"events arrived together (spread {spread:.3f}s): the stream was buffered"
 
 
+def test_v1_api_with_the_plain_openai_client(env):
+    client = env.v1_client()
+    completion = client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    assert completion.choices[0].message.content.startswith("Hello from "), completion.choices[0].message.content
+    pieces = []
+    for chunk in client.chat.completions.create(model="gpt-4o", messages=MESSAGES, stream=True):
+        if chunk.choices and chunk.choices[0].delta.content:
+            pieces.append(chunk.choices[0].delta.content)
+    assert "".join(pieces) in ("Hello from east", "Hello from west"), repr("".join(pieces))
+
+
 def test_wrong_client_key_is_rejected(env):
     client = env.client(api_key="not-a-valid-key")
     try:
@@ -155,6 +175,7 @@ TESTS = [
     test_plain_completion_round_robin,
     test_streamed_completion_is_live,
     test_request_id_header,
+    test_v1_api_with_the_plain_openai_client,
     test_wrong_client_key_is_rejected,  # last: bad keys count towards the proxy's blocking of a client
 ]
 

@@ -832,10 +832,13 @@ pub fn azure_like(name: &str, key: &str, event_pause: Duration) -> impl Fn(&Reco
             );
         }
         let path = req.path();
+        // Deployment routes name the deployment in the path; v1 routes (`/openai/v1/chat/completions`) in the
+        // body's `model`.
         let route = path
             .strip_prefix("/openai/deployments/")
             .and_then(|rest| rest.split_once('/'))
-            .filter(|(dep, _)| !dep.is_empty());
+            .filter(|(dep, _)| !dep.is_empty())
+            .or_else(|| path.strip_prefix("/openai/v1/").map(|op| ("v1", op)));
         let not_found = || {
             azure_error(
                 404,
