@@ -14,28 +14,36 @@
 //! 4. `serve` logs the access line and gives a keep-alive connection back to `front`.
 #![deny(unsafe_code)]
 
-pub mod access_log;
-pub mod admin;
-pub mod balancer;
+// The library's surface is `start`, `start_from_file`, `Server`, `config` and `cli` (the binary's); the modules
+// marked doc(hidden) are public only for the fuzz targets, the tests and the examples.
+
+pub(crate) mod access_log;
+pub(crate) mod admin;
+pub(crate) mod balancer;
 pub mod cli;
+#[doc(hidden)] // public for the fuzz targets only
 pub mod client_ip;
 pub mod config;
-pub mod exchange;
-pub mod front;
-pub mod guard;
+pub(crate) mod exchange;
+pub(crate) mod front;
+pub(crate) mod guard;
+#[doc(hidden)] // public for the fuzz targets and the tests (target::check) only
 pub mod http;
-pub mod lifecycle;
-pub mod metrics;
-pub mod pool;
-pub mod redact;
-pub mod rejection;
-pub mod relay;
-pub mod request_id;
-pub mod serve;
-pub mod server;
+pub(crate) mod lifecycle;
+pub(crate) mod metrics;
+pub(crate) mod pool;
+pub(crate) mod redact;
+pub(crate) mod rejection;
+pub(crate) mod relay;
+pub(crate) mod request_id;
+pub(crate) mod serve;
+pub(crate) mod server;
+#[doc(hidden)] // public for the fuzz targets only
 pub mod state;
-pub mod stream;
+pub(crate) mod stream;
+#[doc(hidden)] // public for the test mock and the benchmark upstream only
 pub mod sys;
+#[doc(hidden)] // public for the fuzz targets only
 pub mod upstream;
 
 pub use config::Config;

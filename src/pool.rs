@@ -129,11 +129,6 @@ impl Pool {
         }
     }
 
-    /// Whether every worker the bound allows is busy: queued jobs wait for one to finish.
-    pub fn saturated(&self) -> bool {
-        self.live.load(Ordering::Acquire) >= self.max && self.idle.load(Ordering::Acquire) == 0
-    }
-
     pub fn live(&self) -> usize {
         self.live.load(Ordering::Relaxed)
     }
