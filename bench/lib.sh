@@ -27,3 +27,18 @@ ensure_tools() { # ensure_tools COMMAND:PACKAGE...: installs (apt-get) the packa
         DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y --no-install-recommends "${missing[@]}"
     fi
 }
+
+start_nginx() { # start_nginx DIR PORT: nginx ($NGINX) with DIR/conf/nginx.conf, until it answers on PORT; sets
+    # NGINX_PID and adds it to PIDS (the script stops everything in PIDS on exit)
+    "$NGINX" -t -q -p "$1/" -c conf/nginx.conf -e logs/error.log
+    "$NGINX" -p "$1/" -c conf/nginx.conf -e logs/error.log >"$1/logs/stdout.log" 2>&1 &
+    NGINX_PID=$!
+    PIDS+=("$NGINX_PID")
+    for _ in $(seq 200); do
+        curl -s -o /dev/null --max-time 1 "http://127.0.0.1:$2/" && return 0
+        kill -0 "$NGINX_PID" 2>/dev/null || { cat "$1/logs/error.log" >&2; return 1; }
+        sleep 0.05
+    done
+    echo "bench: nginx in $1 did not come up" >&2
+    return 1
+}

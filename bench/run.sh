@@ -215,20 +215,6 @@ $(temp_paths)
 EOF
 } >"$NGX_DIR/conf/nginx.conf"
 
-start_nginx() { # start_nginx DIR PORT: starts nginx in the foreground of a background job; sets NGINX_PID
-    "$NGINX" -t -q -p "$1/" -c conf/nginx.conf -e logs/error.log
-    "$NGINX" -p "$1/" -c conf/nginx.conf -e logs/error.log >"$1/logs/stdout.log" 2>&1 &
-    NGINX_PID=$!
-    PIDS+=("$NGINX_PID")
-    for _ in $(seq 200); do
-        curl -s -o /dev/null --max-time 1 "http://127.0.0.1:$2/" && return 0
-        kill -0 "$NGINX_PID" 2>/dev/null || { cat "$1/logs/error.log" >&2; return 1; }
-        sleep 0.05
-    done
-    echo "bench: nginx in $1 did not come up" >&2
-    return 1
-}
-
 log "starting the upstream nginx (worker_processes $UPSTREAM_WORKERS) on $UP1 $UP2 $UP3"
 start_nginx "$UP_DIR" "$UP1"
 UP_PID=$NGINX_PID

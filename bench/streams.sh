@@ -158,20 +158,6 @@ EOF
     "$NGINX" -t -q -p "$NGX_DIR/" -c conf/nginx.conf -e logs/error.log
 }
 
-start_nginx() { # sets NGX_PID
-    "$NGINX" -p "$NGX_DIR/" -c conf/nginx.conf -e logs/error.log >>"$NGX_DIR/logs/stdout.log" 2>&1 &
-    NGX_PID=$!
-    PIDS+=("$NGX_PID")
-    for _ in $(seq 200); do
-        # Any answer will do (the upstream says 404 to GET /): nginx is accepting.
-        curl -s -o /dev/null --max-time 1 "http://127.0.0.1:$NGX_PORT/" && return 0
-        kill -0 "$NGX_PID" 2>/dev/null || { cat "$NGX_DIR/logs/error.log" >&2; return 1; }
-        sleep 0.05
-    done
-    echo "bench: nginx did not come up" >&2
-    return 1
-}
-
 # ------------------------------------------------------------------------------------------------------------
 # azure-proxy: the default configuration (listen address, the three instances, one client key). For 10,000
 # streams (more than the default pool bound of 4,096) only the two bounds that would refuse them are raised:
@@ -221,7 +207,8 @@ for sc in "${SCENARIOS[@]}"; do
     fi
     log "$name: $n streams, $( [ "$kind" = burst ] && echo "all at once" || echo "over ${ramp} s"), direct / nginx / azure-proxy ($(basename "$config"))"
     nginx_conf "$n"
-    start_nginx
+    start_nginx "$NGX_DIR" "$NGX_PORT"
+    NGX_PID=$NGINX_PID
     start_proxy "$config"
     sleep 1 # both idle before their idle RSS is read
     BACKLOG[direct]="$(backlog_of "$UP1")" BACKLOG[nginx]="$(backlog_of "$NGX_PORT")"
