@@ -12,7 +12,7 @@ const MASK: &[u8] = b"[REDACTED]";
 /// The secrets, longest first (a key that contains another is masked whole).
 #[derive(Default)]
 pub struct Secrets {
-    keys: Vec<Vec<u8>>,
+    keys: Vec<String>,
 }
 
 impl Secrets {
@@ -20,22 +20,20 @@ impl Secrets {
         keys.retain(|k| !k.is_empty());
         keys.sort_by_key(|k| std::cmp::Reverse(k.len()));
         keys.dedup();
-        Secrets { keys: keys.into_iter().map(String::into_bytes).collect() }
+        Secrets { keys }
     }
 
     /// The longest secret's length (0 when there is none).
     pub fn longest(&self) -> usize {
-        self.keys.first().map_or(0, Vec::len)
+        self.keys.first().map_or(0, String::len)
     }
 
     /// `text` with every secret replaced by `[REDACTED]`, for log lines.
     pub fn redact(&self, text: &str) -> String {
         let mut out = text.to_string();
         for key in &self.keys {
-            // Keys are header values checked at load: valid ASCII, so valid UTF-8.
-            let key = String::from_utf8_lossy(key);
-            if out.contains(key.as_ref()) {
-                out = out.replace(key.as_ref(), "[REDACTED]");
+            if out.contains(key.as_str()) {
+                out = out.replace(key.as_str(), "[REDACTED]");
             }
         }
         out
@@ -44,7 +42,7 @@ impl Secrets {
     /// Masks every secret in `bytes` in place (same length); whether anything was masked.
     pub fn mask(&self, bytes: &mut [u8]) -> bool {
         let mut masked = false;
-        for key in &self.keys {
+        for key in self.keys.iter().map(String::as_bytes) {
             let mut at = 0;
             while let Some(i) = find(&bytes[at..], key) {
                 let start = at + i;
@@ -56,6 +54,17 @@ impl Secrets {
             }
         }
         masked
+    }
+
+    /// `value` with every secret masked, copied only when it holds one (response headers: nearly never).
+    pub fn masked<'v>(&self, value: &'v [u8]) -> std::borrow::Cow<'v, [u8]> {
+        if self.keys.iter().any(|k| find(value, k.as_bytes()).is_some()) {
+            let mut owned = value.to_vec();
+            self.mask(&mut owned);
+            std::borrow::Cow::Owned(owned)
+        } else {
+            std::borrow::Cow::Borrowed(value)
+        }
     }
 
     /// A masker for a body that arrives in pieces.

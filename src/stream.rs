@@ -160,9 +160,7 @@ fn relayed_head(
         }
         // Ours is the client-facing ID; Azure's own is kept under another name for support tickets.
         let n = if n == "x-request-id" { "x-upstream-request-id" } else { n };
-        let mut value = value.as_bytes().to_vec();
-        secrets.mask(&mut value);
-        head.header(n, &value);
+        head.header(n, &secrets.masked(value.as_bytes()));
     }
     match out {
         Out::Length(n) => {
