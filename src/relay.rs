@@ -129,8 +129,7 @@ impl Run<'_> {
                 // through): the proxy never asked to switch protocols, and a bare 1xx is no answer to relay.
                 let detail =
                     format!("unexpected {} {}", resp.status().as_u16(), resp.status().canonical_reason().unwrap_or(""));
-                let failure = Outcome::Failed { kind: FailureKind::Protocol, detail };
-                record_failure(state, rid, idx, (nth, total), elapsed, failure, attempts);
+                self.failed(idx, nth, elapsed, FailureKind::Protocol, detail, attempts);
                 Step::Next
             }
             Ok(resp) => {
@@ -162,11 +161,38 @@ impl Run<'_> {
                     log::warn!("{rid} request cannot be sent upstream: {detail}");
                     return Step::Unsendable(format!("the request cannot be forwarded: {detail}"));
                 }
-                let failure = Outcome::Failed { kind, detail };
-                record_failure(state, rid, idx, (nth, total), elapsed, failure, attempts);
+                self.failed(idx, nth, elapsed, kind, detail, attempts);
                 Step::Next
             }
         }
+    }
+
+    /// Logs and records a failed attempt. Only a failure that says something about the instance counts against
+    /// its circuit and in its attempt metrics; running out of descriptors here is not the instance's fault.
+    fn failed(
+        &self,
+        idx: usize,
+        nth: usize,
+        elapsed: Duration,
+        kind: FailureKind,
+        detail: String,
+        attempts: &mut Vec<Attempt>,
+    ) {
+        let state = self.state;
+        let name = &state.config.instances[idx].name;
+        if kind.is_instance_fault() {
+            state.metrics.attempt(name, kind.label(), elapsed);
+            state.balancer.observe(idx, Observation::Unreachable);
+        } else {
+            state.metrics.attempts_not_sent.fetch_add(1, Ordering::Relaxed);
+            state.balancer.release(idx);
+        }
+        let (rid, total) = (self.ex.request_id, self.total);
+        log::warn!(
+            "{rid} attempt {nth}/{total} instance={name} error={kind:?} elapsed_ms={} detail={detail:?}",
+            elapsed.as_millis()
+        );
+        attempts.push(Attempt { instance: name.clone(), outcome: Outcome::Failed { kind, detail }, elapsed });
     }
 
     /// Relays instance `idx`'s answer to the client.
@@ -193,33 +219,6 @@ impl Run<'_> {
         relayed.attempts = attempts;
         relayed
     }
-}
-
-/// Logs and records a failed attempt. Only a failure that says something about the instance counts against its
-/// circuit and in its attempt metrics; running out of descriptors here is not the instance's fault.
-fn record_failure(
-    state: &State,
-    rid: &str,
-    idx: usize,
-    (nth, total): (usize, usize),
-    elapsed: Duration,
-    outcome: Outcome,
-    attempts: &mut Vec<Attempt>,
-) {
-    let name = &state.config.instances[idx].name;
-    let Outcome::Failed { kind, detail } = &outcome else { return };
-    if kind.is_instance_fault() {
-        state.metrics.attempt(name, kind.label(), elapsed);
-        state.balancer.observe(idx, Observation::Unreachable);
-    } else {
-        state.metrics.attempts_not_sent.fetch_add(1, Ordering::Relaxed);
-        state.balancer.release(idx);
-    }
-    log::warn!(
-        "{rid} attempt {nth}/{total} instance={name} error={kind:?} elapsed_ms={} detail={detail:?}",
-        elapsed.as_millis()
-    );
-    attempts.push(Attempt { instance: name.clone(), outcome, elapsed });
 }
 
 /// Nothing can take the request now: 429 when every instance is cooling down after throttling (the client should
