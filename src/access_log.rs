@@ -10,6 +10,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 pub struct Entry<'a> {
     pub request_id: &'a str,
     pub client: IpAddr,
+    /// The name of the client key (`client_keys`), `-` when none was checked; never the key.
+    pub client_name: &'a str,
     pub method: &'a str,
     pub path: &'a str,
     pub status: u16,
@@ -25,9 +27,10 @@ pub fn write(entry: &Entry, json: bool) {
     if !json {
         log::info!(
             target: "access",
-            "{} client={} method={} path={} status={} instance={} attempts={} duration_ms={} bytes={}{}",
+            "{} client={} client_name={} method={} path={} status={} instance={} attempts={} duration_ms={} bytes={}{}",
             entry.request_id,
             entry.client,
+            entry.client_name,
             entry.method,
             path,
             entry.status,
@@ -47,6 +50,7 @@ pub fn write(entry: &Entry, json: bool) {
         "level": "INFO",
         "request_id": entry.request_id,
         "client": entry.client.to_string(),
+        "client_name": entry.client_name,
         "method": entry.method,
         "path": path,
         "status": entry.status,

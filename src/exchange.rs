@@ -8,6 +8,7 @@ use std::time::Instant;
 use crate::http::parse::{Framing, Head};
 use crate::http::write::{self, Persist};
 use crate::http::ClientStream;
+use crate::quota::Quota;
 
 /// The request as the worker has it: head, whole body, and its ID.
 pub struct Exchange<'a> {
@@ -17,6 +18,22 @@ pub struct Exchange<'a> {
     pub request_id: &'a str,
     /// When the request head was complete (for latency metrics).
     pub started: Instant,
+    /// The deployment the request names (path or body `model`), if any.
+    pub deployment: Option<String>,
+    pub caller: Caller<'a>,
+}
+
+/// Who sent a request, as far as the proxy knows: the name of the client key the guard accepted, and that key's
+/// rate limits.
+#[derive(Clone, Copy)]
+pub struct Caller<'a> {
+    /// The key's name from `client_keys`; `-` before the key check or without an allowlist.
+    pub name: &'a str,
+    pub quota: Option<&'a Quota>,
+}
+
+impl Caller<'_> {
+    pub const UNKNOWN: Caller<'static> = Caller { name: "-", quota: None };
 }
 
 /// What happened to the request, for the access log and the keep-alive decision.

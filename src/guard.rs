@@ -11,16 +11,15 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::config::{Config, Secret};
+use crate::config::{Config, KeyDigest};
 use crate::http::parse::Head;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
-    Allowed,
+    /// The client may go on; `key` is the index of its key in `client_keys` (`None` when there is no allowlist).
+    Allowed { key: Option<usize> },
     /// 403 with `Retry-After: retry_after_secs`.
-    Blocked {
-        retry_after_secs: u64,
-    },
+    Blocked { retry_after_secs: u64 },
     /// 401: no key header (does not count as a strike: that is a misconfigured client, not a guess).
     MissingKey,
     /// 401: a key that is not in the allowlist (a strike).
@@ -45,7 +44,8 @@ impl Strikes {
 const SWEEP_EVERY: u64 = 1024;
 
 pub struct Guard {
-    keys: Vec<Secret>,
+    /// The SHA-256 of each client key, in `client_keys` order.
+    keys: Vec<KeyDigest>,
     max_bad_keys: u32,
     block_duration: Duration,
     max_tracked: usize,
@@ -73,7 +73,7 @@ impl Guard {
 
     fn with_table(config: &Config, table: Arc<Mutex<Table>>) -> Guard {
         Guard {
-            keys: config.client_keys.clone(),
+            keys: config.client_keys.iter().map(|k| k.digest).collect(),
             max_bad_keys: config.max_bad_keys,
             block_duration: config.block_duration,
             max_tracked: config.max_tracked_clients,
@@ -91,17 +91,25 @@ impl Guard {
         if keys.is_empty() {
             return Verdict::MissingKey;
         }
-        // Compare every form against every key, always, so that the time taken does not tell which one nearly
-        // matched.
-        let good = self.keys.is_empty()
-            || self.keys.iter().fold(false, |found, k| {
-                keys.iter().fold(found, |found, key| found | constant_time_eq(k.expose().as_bytes(), key))
-            });
-        if good {
-            self.forgive(ip);
-            Verdict::Allowed
-        } else {
-            self.strike(ip, now)
+        if self.keys.is_empty() {
+            return Verdict::Allowed { key: None };
+        }
+        // Keys are compared as SHA-256 digests (some are configured only as one). Every form is compared with
+        // every key, always, so that the time taken does not tell which one nearly matched.
+        let presented: Vec<KeyDigest> = keys.iter().map(|k| KeyDigest::of(k)).collect();
+        let mut matched = None;
+        for (i, k) in self.keys.iter().enumerate() {
+            let hit = presented.iter().fold(false, |hit, p| hit | constant_time_eq(&k.0, &p.0));
+            if hit {
+                matched = Some(i);
+            }
+        }
+        match matched {
+            Some(i) => {
+                self.forgive(ip);
+                Verdict::Allowed { key: Some(i) }
+            }
+            None => self.strike(ip, now),
         }
     }
 
@@ -253,14 +261,14 @@ mod tests {
         let ip: IpAddr = "10.0.0.1".parse().expect("ip");
         assert_eq!(g.check(ip, &[b"bad"]), Verdict::BadKey);
         assert_eq!(g.check(ip, &[b"bad"]), Verdict::BadKey);
-        assert_eq!(g.check(ip, &[b"good"]), Verdict::Allowed);
+        assert_eq!(g.check(ip, &[b"good"]), Verdict::Allowed { key: Some(0) });
         assert_eq!(g.tracked_clients(), 0);
         for _ in 0..3 {
             assert_eq!(g.check(ip, &[b"bad"]), Verdict::BadKey);
         }
         assert!(matches!(g.check(ip, &[b"good"]), Verdict::Blocked { retry_after_secs: 60 }));
         let other: IpAddr = "10.0.0.2".parse().expect("ip");
-        assert_eq!(g.check(other, &[b"also"]), Verdict::Allowed);
+        assert_eq!(g.check(other, &[b"also"]), Verdict::Allowed { key: Some(1) });
         assert_eq!(g.check(other, &[]), Verdict::MissingKey);
     }
 

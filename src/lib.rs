@@ -32,6 +32,7 @@ pub mod http;
 pub(crate) mod lifecycle;
 pub(crate) mod metrics;
 pub(crate) mod pool;
+pub(crate) mod quota;
 pub(crate) mod redact;
 pub(crate) mod rejection;
 pub(crate) mod relay;

@@ -57,10 +57,13 @@ impl Histogram {
 /// Everything counted since start. Lives across configuration reloads.
 #[derive(Default)]
 pub struct Metrics {
-    requests: Mutex<BTreeMap<(&'static str, u16), u64>>,
+    /// client key name → (route class, status) → count; looked up by `&str`, so counting allocates only for a
+    /// new client. Client names come from the configuration only, so the label set is bounded.
+    requests: Mutex<BTreeMap<String, ByRouteAndStatus>>,
     /// instance → outcome → count; looked up by `&str`, so counting allocates only for a new instance.
     attempts: Mutex<BTreeMap<String, BTreeMap<&'static str, u64>>>,
-    tokens: Mutex<BTreeMap<(String, String, &'static str), u64>>,
+    /// (instance, deployment, client) → [prompt, completion] tokens.
+    tokens: Mutex<BTreeMap<(String, String, String), [u64; 2]>>,
     pub retries: AtomicU64,
     /// Attempts that failed on this side (out of resources, a request that cannot be sent): no instance's fault.
     pub attempts_not_sent: AtomicU64,
@@ -76,6 +79,9 @@ pub struct Metrics {
     pub workers: std::sync::OnceLock<WorkerCounts>,
 }
 
+/// Request counts of one client, by (route class, status).
+type ByRouteAndStatus = BTreeMap<(&'static str, u16), u64>;
+
 /// Reads the worker pool's (alive, idle, most alive at once).
 pub type WorkerCounts = Box<dyn Fn() -> (usize, usize, usize) + Send + Sync>;
 
@@ -89,8 +95,15 @@ pub struct Gauges<'a> {
 }
 
 impl Metrics {
-    pub fn request(&self, route: &'static str, status: u16, took: Duration) {
-        *self.requests.lock().unwrap_or_else(|p| p.into_inner()).entry((route, status)).or_default() += 1;
+    /// One answered request; `client` is the name of its client key (`-` when none was checked).
+    pub fn request(&self, route: &'static str, status: u16, client: &str, took: Duration) {
+        let mut requests = self.requests.lock().unwrap_or_else(|p| p.into_inner());
+        let per_client = match requests.get_mut(client) {
+            Some(m) => m,
+            None => requests.entry(client.to_string()).or_default(),
+        };
+        *per_client.entry((route, status)).or_default() += 1;
+        drop(requests);
         self.request_seconds.observe(took);
     }
 
@@ -106,18 +119,30 @@ impl Metrics {
         self.upstream_seconds.observe(took);
     }
 
-    pub fn tokens(&self, instance: &str, deployment: &str, prompt: u64, completion: u64) {
+    /// The tokens one relayed answer used, by the instance that served it, the deployment the request named
+    /// (`-` when none) and the client key's name.
+    pub fn tokens(&self, instance: &str, deployment: &str, client: &str, usage: Usage) {
+        let key = (instance.to_string(), deployment.to_string(), client.to_string());
         let mut map = self.tokens.lock().unwrap_or_else(|p| p.into_inner());
-        *map.entry((instance.to_string(), deployment.to_string(), "prompt")).or_default() += prompt;
-        *map.entry((instance.to_string(), deployment.to_string(), "completion")).or_default() += completion;
+        let counts = map.entry(key).or_default();
+        counts[0] += usage.prompt;
+        counts[1] += usage.completion;
     }
 
     pub fn render(&self, g: &Gauges) -> String {
         let mut out = String::with_capacity(4096);
         counter_header(&mut out, "azure_proxy_requests_total", "Requests answered, by route class and status.");
-        for ((route, status), n) in self.requests.lock().unwrap_or_else(|p| p.into_inner()).iter() {
-            let _ = writeln!(out, "azure_proxy_requests_total{{route=\"{route}\",status=\"{status}\"}} {n}");
+        let requests = self.requests.lock().unwrap_or_else(|p| p.into_inner());
+        for (client, per_client) in requests.iter() {
+            let c = escape(client);
+            for ((route, status), n) in per_client {
+                let _ = writeln!(
+                    out,
+                    "azure_proxy_requests_total{{route=\"{route}\",status=\"{status}\",client=\"{c}\"}} {n}"
+                );
+            }
         }
+        drop(requests);
         counter_header(&mut out, "azure_proxy_upstream_attempts_total", "Upstream attempts, by instance and outcome.");
         let attempts = self.attempts.lock().unwrap_or_else(|p| p.into_inner());
         for (instance, outcome, n) in attempts.iter().flat_map(|(i, m)| m.iter().map(move |(o, n)| (i, o, n))) {
@@ -138,10 +163,14 @@ impl Metrics {
             &self.shed,
         );
         counter_header(&mut out, "azure_proxy_tokens_total", "Tokens reported in the usage of relayed responses.");
-        for ((instance, deployment, kind), n) in self.tokens.lock().unwrap_or_else(|p| p.into_inner()).iter() {
-            let (i, d) = (escape(instance), escape(deployment));
-            let _ =
-                writeln!(out, "azure_proxy_tokens_total{{instance=\"{i}\",deployment=\"{d}\",kind=\"{kind}\"}} {n}");
+        for ((instance, deployment, client), counts) in self.tokens.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            let (i, d, c) = (escape(instance), escape(deployment), escape(client));
+            for (kind, n) in [("prompt", counts[0]), ("completion", counts[1])] {
+                let _ = writeln!(
+                    out,
+                    "azure_proxy_tokens_total{{instance=\"{i}\",deployment=\"{d}\",client=\"{c}\",kind=\"{kind}\"}} {n}"
+                );
+            }
         }
         self.request_seconds.render(
             &mut out,
@@ -247,16 +276,46 @@ impl UsageTail {
         self.buf.extend_from_slice(bytes);
     }
 
-    /// (prompt_tokens, completion_tokens) of the last `"usage"` object in the tail, if there is one.
-    pub fn usage(&self) -> Option<(u64, u64)> {
+    /// The last `"usage"` object in the tail, if there is one.
+    pub fn usage(&self) -> Option<Usage> {
         let text = std::str::from_utf8(&self.buf).ok().or_else(|| {
             let start = self.buf.iter().position(|b| b.is_ascii())?;
             std::str::from_utf8(&self.buf[start..]).ok()
         })?;
         let at = text.rfind("\"usage\"")?;
-        let object = balanced_object(&text[at..])?;
-        // Only the object's own keys: `prompt_tokens_details` and friends nest objects of their own.
-        Some((number_after(object, "\"prompt_tokens\"")?, number_after(object, "\"completion_tokens\"")?))
+        let after = text[at + "\"usage\"".len()..].trim_start().strip_prefix(':')?.trim_start();
+        // `"usage": null` (every chunk of a stream but the last) is no usage.
+        if !after.starts_with('{') {
+            return None;
+        }
+        let object = balanced_object(after)?;
+        Usage::from_object(object)
+    }
+}
+
+/// The tokens of one answer. Chat and completions report `prompt_tokens` and `completion_tokens`; the Responses
+/// API `input_tokens` and `output_tokens` (counted as prompt and completion); embeddings only `prompt_tokens`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Usage {
+    pub prompt: u64,
+    pub completion: u64,
+}
+
+impl Usage {
+    fn from_object(object: &str) -> Option<Usage> {
+        // Keys are matched with their quotes, so `prompt_tokens_details` (an object of its own) is not
+        // `prompt_tokens`.
+        let prompt = number_after(object, "\"prompt_tokens\"").or_else(|| number_after(object, "\"input_tokens\""));
+        let completion =
+            number_after(object, "\"completion_tokens\"").or_else(|| number_after(object, "\"output_tokens\""));
+        match (prompt, completion) {
+            (None, None) => None,
+            (p, c) => Some(Usage { prompt: p.unwrap_or(0), completion: c.unwrap_or(0) }),
+        }
+    }
+
+    pub fn total(&self) -> u64 {
+        self.prompt + self.completion
     }
 }
 
@@ -300,18 +359,31 @@ mod tests {
     fn usage_from_a_json_body_and_from_a_final_sse_chunk() {
         let mut t = UsageTail::default();
         t.push(br#"{"choices":[],"usage":{"completion_tokens":3,"prompt_tokens":10,"total_tokens":13}}"#);
-        assert_eq!(t.usage(), Some((10, 3)));
+        assert_eq!(t.usage(), Some(Usage { prompt: 10, completion: 3 }));
         let mut t = UsageTail::default();
         t.push(b"data: {\"choices\":[{\"delta\":{}}]}\n\n");
         t.push(
             b"data: {\"choices\":[],\"usage\":{\"prompt_tokens\": 7, \"completion_tokens\": 21}}\n\ndata: [DONE]\n\n",
         );
-        assert_eq!(t.usage(), Some((7, 21)));
+        assert_eq!(t.usage(), Some(Usage { prompt: 7, completion: 21 }));
         // Azure's shape for current models: nested details before prompt_tokens (keys in alphabetical order).
         let mut t = UsageTail::default();
         t.push(br#"data: {"choices":[],"usage":{"completion_tokens":5,"completion_tokens_details":{"reasoning_tokens":0},"prompt_tokens":19,"prompt_tokens_details":{"cached_tokens":0},"total_tokens":24}}"#);
         t.push(b"\n\ndata: [DONE]\n\n");
-        assert_eq!(t.usage(), Some((19, 5)));
+        assert_eq!(t.usage(), Some(Usage { prompt: 19, completion: 5 }));
+        // The Responses API's final event, and an embeddings answer (no completion tokens).
+        let mut t = UsageTail::default();
+        t.push(b"event: response.created\ndata: {\"response\":{\"usage\":null}}\n\n");
+        t.push(br#"event: response.completed
+data: {"type":"response.completed","response":{"output":[],"usage":{"input_tokens":11,"input_tokens_details":{"cached_tokens":0},"output_tokens":4,"output_tokens_details":{"reasoning_tokens":0},"total_tokens":15},"user":null}}"#);
+        assert_eq!(t.usage(), Some(Usage { prompt: 11, completion: 4 }));
+        let mut t = UsageTail::default();
+        t.push(br#"{"object":"list","data":[],"model":"text-embedding-3-small","usage":{"prompt_tokens":8,"total_tokens":8}}"#);
+        assert_eq!(t.usage(), Some(Usage { prompt: 8, completion: 0 }));
+        // Only chunks with "usage": null so far.
+        let mut t = UsageTail::default();
+        t.push(b"data: {\"choices\":[{\"delta\":{\"content\":\"{\"}}],\"usage\":null}\n\n");
+        assert_eq!(t.usage(), None);
         let mut t = UsageTail::default();
         t.push(&vec![b'x'; 10_000]);
         assert_eq!(t.usage(), None);
@@ -331,20 +403,25 @@ mod tests {
     #[test]
     fn exposition_format() {
         let m = Metrics::default();
-        m.request("chat", 200, Duration::from_millis(30));
+        m.request("chat", 200, "team-a", Duration::from_millis(30));
         m.attempt("we\"ird", "429", Duration::from_millis(5));
-        m.tokens("east", "gpt-4o", 10, 3);
+        m.tokens("east", "gpt-4o", "team-a", Usage { prompt: 10, completion: 3 });
         let text = m.render(&Gauges {
             queue_depth: 2,
             open_connections: 5,
             blocked_clients: 0,
             instances: vec![("east", true)],
         });
-        assert!(text.contains("azure_proxy_requests_total{route=\"chat\",status=\"200\"} 1\n"), "{text}");
+        assert!(
+            text.contains("azure_proxy_requests_total{route=\"chat\",status=\"200\",client=\"team-a\"} 1\n"),
+            "{text}"
+        );
         assert!(text.contains("instance=\"we\\\"ird\""), "{text}");
         assert!(text.contains("azure_proxy_request_duration_seconds_bucket{le=\"0.05\"} 1\n"), "{text}");
         assert!(text.contains("azure_proxy_request_duration_seconds_bucket{le=\"+Inf\"} 1\n"), "{text}");
-        assert!(text.contains("azure_proxy_tokens_total{instance=\"east\",deployment=\"gpt-4o\",kind=\"prompt\"} 10"));
+        assert!(text.contains(
+            "azure_proxy_tokens_total{instance=\"east\",deployment=\"gpt-4o\",client=\"team-a\",kind=\"prompt\"} 10"
+        ));
         assert!(text.contains("azure_proxy_instance_available{instance=\"east\"} 1"));
         for line in text.lines() {
             assert!(line.starts_with('#') || line.starts_with("azure_proxy_"), "{line}");

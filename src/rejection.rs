@@ -7,13 +7,14 @@
 
 use std::borrow::Cow;
 
-use crate::exchange::{respond_error, Relayed};
+use crate::exchange::{respond_json, Relayed};
 use crate::guard::Verdict;
 use crate::http::body::BodyError;
 use crate::http::parse::FramingError;
 use crate::http::target::TargetError;
-use crate::http::write::Persist;
+use crate::http::write::{self, Persist};
 use crate::http::ClientStream;
+use crate::quota::Limited;
 
 const INVALID: &str = "invalid_request_error";
 
@@ -46,6 +47,12 @@ pub enum Rejection {
     BodyMalformed(&'static str),
     /// The body stopped arriving (408).
     BodyTimeout,
+    /// The client key's `deployments` does not list the deployment the request names, or the request names
+    /// none the proxy can read (403).
+    DeploymentNotAllowed { deployment: Option<String> },
+    /// The client key is over its `requests_per_minute` or `tokens_per_minute` (429 + `Retry-After`; not a
+    /// strike, and no instance is called).
+    ClientLimit(Limited),
 }
 
 impl Rejection {
@@ -56,7 +63,8 @@ impl Rejection {
             Rejection::UnsupportedCoding(_) => 501,
             Rejection::BodyTooLarge { .. } => 413,
             Rejection::NotFound => 404,
-            Rejection::Blocked { .. } => 403,
+            Rejection::Blocked { .. } | Rejection::DeploymentNotAllowed { .. } => 403,
+            Rejection::ClientLimit(_) => 429,
             Rejection::MissingKey { .. } | Rejection::BadKey | Rejection::TwoKeys => 401,
             Rejection::Expectation => 417,
             Rejection::BodyTimeout => 408,
@@ -67,7 +75,8 @@ impl Rejection {
     fn kind(&self) -> &'static str {
         match self {
             Rejection::NotFound => "not_found_error",
-            Rejection::Blocked { .. } => "permission_error",
+            Rejection::Blocked { .. } | Rejection::DeploymentNotAllowed { .. } => "permission_error",
+            Rejection::ClientLimit(_) => "rate_limit_error",
             Rejection::MissingKey { .. } | Rejection::BadKey | Rejection::TwoKeys => "authentication_error",
             _ => INVALID,
         }
@@ -90,13 +99,54 @@ impl Rejection {
             Rejection::BadKey => Cow::Borrowed("invalid client key"),
             Rejection::Expectation => Cow::Borrowed("unsupported Expect value"),
             Rejection::BodyTimeout => Cow::Borrowed("request body not received in time"),
+            Rejection::DeploymentNotAllowed { deployment: Some(d) } => {
+                Cow::Owned(format!("this client key may not use deployment {d:?}"))
+            }
+            Rejection::DeploymentNotAllowed { deployment: None } => Cow::Borrowed(
+                "this client key may use only some deployments, and the request names none (in its path or the \
+                 model field of its JSON body)",
+            ),
+            Rejection::ClientLimit(Limited::RequestsPerMinute { .. }) => {
+                Cow::Borrowed("this client key is over its requests_per_minute limit at the proxy; retry later")
+            }
+            Rejection::ClientLimit(Limited::TokensPerMinute { .. }) => {
+                Cow::Borrowed("this client key is over its tokens_per_minute limit at the proxy; retry later")
+            }
         }
+    }
+
+    /// The OpenAI error `code`: the proxy's own name for the refusals a client may want to tell apart from an
+    /// upstream's (Azure's 429 says `429`), otherwise the status, as Azure's errors do.
+    fn code(&self) -> Cow<'static, str> {
+        match self {
+            Rejection::DeploymentNotAllowed { .. } => Cow::Borrowed("client_deployment_not_allowed"),
+            Rejection::ClientLimit(Limited::RequestsPerMinute { .. }) => {
+                Cow::Borrowed("client_requests_per_minute_exceeded")
+            }
+            Rejection::ClientLimit(Limited::TokensPerMinute { .. }) => {
+                Cow::Borrowed("client_tokens_per_minute_exceeded")
+            }
+            _ => Cow::Owned(self.status().to_string()),
+        }
+    }
+
+    /// Whether the refusal comes after the body was read, so that the connection may carry another request.
+    pub fn after_body(&self) -> bool {
+        matches!(self, Rejection::DeploymentNotAllowed { .. } | Rejection::ClientLimit(_))
     }
 
     /// Whether the connection closes whatever else holds: the request's framing or body is in doubt, or the
     /// client is blocked.
     fn closes(&self) -> bool {
-        !matches!(self, Rejection::NotFound | Rejection::MissingKey { .. } | Rejection::BadKey | Rejection::TwoKeys)
+        !matches!(
+            self,
+            Rejection::NotFound
+                | Rejection::MissingKey { .. }
+                | Rejection::BadKey
+                | Rejection::TwoKeys
+                | Rejection::DeploymentNotAllowed { .. }
+                | Rejection::ClientLimit(_)
+        )
     }
 
     /// Writes the refusal. `unread` is how the connection ends when the refusal itself does not close it: closed
@@ -105,10 +155,12 @@ impl Rejection {
         let persist = if self.closes() { Persist::Close } else { unread };
         let retry_after = match &self {
             Rejection::Blocked { retry_after_secs } => Some(retry_after_secs.to_string()),
+            Rejection::ClientLimit(limited) => Some(limited.retry_after_secs().to_string()),
             _ => None,
         };
         let extra: Vec<(&str, &str)> = retry_after.iter().map(|s| ("Retry-After", s.as_str())).collect();
-        respond_error(client, rid, self.status(), self.kind(), &self.message(), &extra, persist)
+        let body = write::error_json(&self.message(), self.kind(), &self.code(), rid);
+        respond_json(client, rid, self.status(), &body, &extra, persist)
     }
 }
 
@@ -130,7 +182,7 @@ impl From<TargetError> for Rejection {
 /// The guard's verdict as a refusal; `Ok` when the client may go on.
 pub fn from_verdict(v: Verdict, header: &str) -> Result<(), Rejection> {
     match v {
-        Verdict::Allowed => Ok(()),
+        Verdict::Allowed { .. } => Ok(()),
         Verdict::Blocked { retry_after_secs } => Err(Rejection::Blocked { retry_after_secs }),
         Verdict::MissingKey => Err(Rejection::MissingKey { header: header.to_string() }),
         Verdict::BadKey => Err(Rejection::BadKey),
@@ -167,6 +219,13 @@ mod tests {
             (Rejection::Expectation, 417, INVALID, true),
             (Rejection::BodyMalformed("m"), 400, INVALID, true),
             (Rejection::BodyTimeout, 408, INVALID, true),
+            (Rejection::DeploymentNotAllowed { deployment: None }, 403, "permission_error", false),
+            (
+                Rejection::ClientLimit(Limited::RequestsPerMinute { retry_after_secs: 2 }),
+                429,
+                "rate_limit_error",
+                false,
+            ),
         ];
         for (r, status, kind, closes) in cases {
             assert_eq!((r.status(), r.kind(), r.closes()), (status, kind, closes), "{r:?}");

@@ -54,8 +54,8 @@ pub fn relay(state: &State, ex: &Exchange, client: &mut ClientStream, persist: P
         }
     };
     let instances = &state.config.instances;
-    let deployment = upstream::requested_deployment(state, ex.head, ex.body);
-    let order = match state.balancer.plan(|i| upstream::eligible(&instances[i], deployment.as_deref())) {
+    let deployment = ex.deployment.as_deref();
+    let order = match state.balancer.plan(|i| upstream::eligible(&instances[i], deployment)) {
         Plan::Try(order) => order,
         Plan::NoneEligible => {
             let msg = format!("no instance serves deployment {:?}", deployment.unwrap_or_default());
@@ -65,7 +65,7 @@ pub fn relay(state: &State, ex: &Exchange, client: &mut ClientStream, persist: P
             return unavailable(client, rid, retry_after, all_cooling, persist);
         }
     };
-    let run = Run { state, ex, method, headers, deployment, total: order.len() };
+    let run = Run { state, ex, method, headers, total: order.len() };
     let started = Instant::now();
     let mut attempts: Vec<Attempt> = Vec::new();
     for (n, &idx) in order.iter().enumerate() {
@@ -96,7 +96,6 @@ struct Run<'a> {
     ex: &'a Exchange<'a>,
     method: Method,
     headers: HeaderMap,
-    deployment: Option<String>,
     total: usize,
 }
 
@@ -115,8 +114,8 @@ impl Run<'_> {
     fn attempt(&self, idx: usize, nth: usize, attempts: &mut Vec<Attempt>) -> Step {
         let (state, ex, rid, total) = (self.state, self.ex, self.ex.request_id, self.total);
         let inst = &state.config.instances[idx];
-        let target = upstream::target_for(inst, &ex.head.target, self.deployment.as_deref());
-        let body = upstream::body_for(inst, ex.head, ex.body, self.deployment.as_deref());
+        let target = upstream::target_for(inst, &ex.head.target, self.ex.deployment.as_deref());
+        let body = upstream::body_for(inst, ex.head, ex.body, self.ex.deployment.as_deref());
         if !attempts.is_empty() {
             state.metrics.retries.fetch_add(1, Ordering::Relaxed);
         }
@@ -209,10 +208,11 @@ impl Run<'_> {
         let tally = Tally {
             metrics: &state.metrics,
             instance: &inst.name,
-            deployment: self.deployment.as_deref(),
+            deployment: self.ex.deployment.as_deref(),
             started: self.ex.started,
             write_limit: state.config.client_write_timeout,
             secrets: &state.secrets,
+            caller: self.ex.caller,
         };
         let mut relayed = stream_response(resp, self.ex, client, persist, tally);
         relayed.instance = Some(inst.name.clone());

@@ -10,7 +10,7 @@ use std::time::Instant;
 use crate::access_log;
 use crate::admin;
 use crate::client_ip;
-use crate::exchange::{respond_bytes, respond_error, Exchange, Relayed};
+use crate::exchange::{respond_bytes, respond_error, Caller, Exchange, Relayed};
 use crate::guard::{self, Verdict};
 use crate::http::body::{self, BodyError};
 use crate::http::parse::{Framing, FramingError, Head};
@@ -22,6 +22,7 @@ use crate::rejection::{self, Rejection};
 use crate::relay;
 use crate::request_id;
 use crate::state::State;
+use crate::upstream;
 
 /// Serves the request whose head is `head` (already consumed from `conn.buf`). Returns the connection when it
 /// may carry another request, `None` when it must be closed.
@@ -36,13 +37,14 @@ pub fn serve(state: &State, mut conn: Conn, head: Head, draining: bool) -> Optio
     let forwarded = head.headers.iter().filter(|(n, _)| n == "x-forwarded-for").map(|(_, v)| v.as_slice());
     let client = client_ip::client_ip(conn.peer.ip(), forwarded, &state.config.trusted_proxies);
     state.metrics.in_flight.fetch_add(1, Ordering::Relaxed);
-    let relayed = handle(state, &mut conn, &head, &rid, client, persist, started);
+    let (relayed, caller) = handle(state, &mut conn, &head, &rid, client, persist, started);
     state.metrics.in_flight.fetch_sub(1, Ordering::Relaxed);
     let took = started.elapsed();
-    state.metrics.request(metrics::route_class(head.path()), relayed.status, took);
+    state.metrics.request(metrics::route_class(head.path()), relayed.status, caller.name, took);
     let entry = access_log::Entry {
         request_id: &rid,
         client,
+        client_name: caller.name,
         method: &head.method,
         path: head.path(),
         status: relayed.status,
@@ -60,15 +62,16 @@ pub fn serve(state: &State, mut conn: Conn, head: Head, draining: bool) -> Optio
     }
 }
 
-fn handle(
-    state: &State,
+/// Answers the request; also says who sent it, as far as the key check got.
+fn handle<'s>(
+    state: &'s State,
     conn: &mut Conn,
     head: &Head,
     rid: &str,
     client: IpAddr,
     persist: Persist,
     started: Instant,
-) -> Relayed {
+) -> (Relayed, Caller<'s>) {
     let max_body = state.config.max_body_bytes;
     let framing = match Framing::of(head, max_body) {
         Ok(f) => f,
@@ -76,40 +79,49 @@ fn handle(
             if let FramingError::TooLarge(n) = e {
                 log::warn!("{rid} body of {n} bytes refused (max_body_bytes={max_body})");
             }
-            return rejection::from_framing(e, max_body).respond(&mut conn.stream, rid, Persist::Close);
+            let refused = rejection::from_framing(e, max_body).respond(&mut conn.stream, rid, Persist::Close);
+            return (refused, Caller::UNKNOWN);
         }
     };
     // Until the body has been read, an early answer must close the connection: unread body bytes would
     // otherwise be taken for the next request.
     let unread = if matches!(framing, Framing::None | Framing::Length(0)) { persist } else { Persist::Close };
-    match admit(state, conn, head, rid, client, framing) {
+    let mut caller = Caller::UNKNOWN;
+    let relayed = match admit(state, conn, head, rid, client, framing, &mut caller) {
         Ok(Admitted::Local(a)) => respond_bytes(&mut conn.stream, rid, a.status, a.content_type, &a.body, &[], unread),
-        Ok(Admitted::Proxy(body)) => {
-            let ex = Exchange { head, framing, body: &body, request_id: rid, started };
+        Ok(Admitted::Proxy { body, deployment }) => {
+            let ex = Exchange { head, framing, body: &body, request_id: rid, started, deployment, caller };
             relay::relay(state, &ex, &mut conn.stream, persist)
         }
-        Err(Some(refusal)) => refusal.respond(&mut conn.stream, rid, unread),
+        Err(Some(refusal)) => {
+            let then = if refusal.after_body() { persist } else { unread };
+            refusal.respond(&mut conn.stream, rid, then)
+        }
         Err(None) => {
             Relayed { status: 499, instance: None, attempts: 0, bytes: 0, reusable: false, note: Some("client_gone") }
         }
-    }
+    };
+    (relayed, caller)
 }
 
-/// What an admitted request is: a local route's answer, or a request to relay with its whole body.
+/// What an admitted request is: a local route's answer, or a request to relay with its whole body and the
+/// deployment it names.
 enum Admitted {
     Local(admin::Answer),
-    Proxy(Vec<u8>),
+    Proxy { body: Vec<u8>, deployment: Option<String> },
 }
 
-/// The checks in order: target, `Host`, local routes, `/openai/`, the client's key, `Expect`, the body.
+/// The checks in order: target, `Host`, local routes, `/openai/`, the client's key, `Expect`, the body, then
+/// the key's deployment allowlist and rate limits. `caller` is set once the key is known.
 /// `Err(None)`: the client went away while sending the body (nothing to answer).
-fn admit(
-    state: &State,
+fn admit<'s>(
+    state: &'s State,
     conn: &mut Conn,
     head: &Head,
     rid: &str,
     client: IpAddr,
     framing: Framing,
+    caller: &mut Caller<'s>,
 ) -> Result<Admitted, Option<Rejection>> {
     let cfg = &state.config;
     // Checked before anything else looks at the path: what passes can be forwarded byte for byte, and nothing
@@ -141,6 +153,13 @@ fn admit(
         log::warn!("{rid} invalid client key from {client}");
     }
     rejection::from_verdict(verdict, &cfg.client_header_name)?;
+    let key = match verdict {
+        Verdict::Allowed { key: Some(i) } => {
+            *caller = Caller { name: &cfg.client_keys[i].name, quota: state.quotas.get(i) };
+            Some(&cfg.client_keys[i])
+        }
+        _ => None,
+    };
     if let Some(expect) = head.header("expect") {
         if !expect.eq_ignore_ascii_case(b"100-continue") {
             return Err(Rejection::Expectation.into());
@@ -151,7 +170,7 @@ fn admit(
             let _ = conn.stream.write_all(b"HTTP/1.1 100 Continue\r\n\r\n");
         }
     }
-    body::read_body(conn, framing, cfg.max_body_bytes).map(Admitted::Proxy).map_err(|e| {
+    let body = body::read_body(conn, framing, cfg.max_body_bytes).map_err(|e| {
         match &e {
             BodyError::TooLarge => log::warn!("{rid} chunked body over max_body_bytes={}", cfg.max_body_bytes),
             BodyError::Closed | BodyError::Io(_) if !e.is_timeout() => {
@@ -160,7 +179,31 @@ fn admit(
             _ => {}
         }
         rejection::from_body_error(e, cfg.max_body_bytes)
-    })
+    })?;
+    let deployment = upstream::requested_deployment(head, &body);
+    if let Some(allowed) = key.and_then(|k| k.deployments.as_ref()) {
+        // A request that names no deployment is let through only when it has no body (listing models, reading
+        // a file): a body whose deployment cannot be read (a multipart upload) could name any.
+        let permitted = match &deployment {
+            Some(d) => allowed.contains(d),
+            None => body.is_empty(),
+        };
+        if !permitted {
+            log::info!(
+                "{rid} client key {} may not use deployment {:?}",
+                caller.name,
+                deployment.as_deref().unwrap_or("-")
+            );
+            return Err(Some(Rejection::DeploymentNotAllowed { deployment }));
+        }
+    }
+    if let Some(quota) = caller.quota {
+        quota.admit().map_err(|limited| {
+            log::info!("{rid} client key {} over its limit: {limited:?}", caller.name);
+            Rejection::ClientLimit(limited)
+        })?;
+    }
+    Ok(Admitted::Proxy { body, deployment })
 }
 
 /// A request that waited in the queue longer than `queue_timeout` (every worker busy): 503 + `Retry-After`, and

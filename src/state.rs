@@ -13,6 +13,7 @@ use crate::balancer::Balancer;
 use crate::config::{Config, EgressProxy};
 use crate::guard::Guard;
 use crate::metrics::Metrics;
+use crate::quota::Quotas;
 use crate::redact::Secrets;
 
 pub struct State {
@@ -25,8 +26,8 @@ pub struct State {
     pub guard: Guard,
     /// Counters since start; the same `Metrics` across reloads.
     pub metrics: Arc<Metrics>,
-    /// Whether any instance maps or restricts deployment names (only then is a v1 body read for its `model`).
-    pub maps_deployments: bool,
+    /// The rate limits of each client key (`client_keys` order); kept across reloads for unchanged keys.
+    pub quotas: Quotas,
     /// `config.header_name`, parsed once.
     pub key_header: HeaderName,
     /// Each instance's key as a header value, parsed once and marked sensitive (hidden from `Debug`).
@@ -72,17 +73,11 @@ impl State {
             None => Guard::new(&config),
         };
         let metrics = previous.map(|p| Arc::clone(&p.metrics)).unwrap_or_default();
-        Ok(State {
-            agents,
-            balancer,
-            metrics,
-            maps_deployments: config.instances.iter().any(|i| !i.deployments.is_empty() || i.deployments_only),
-            guard,
-            key_header,
-            instance_keys,
-            secrets,
-            config,
-        })
+        let quotas = match previous {
+            Some(p) => Quotas::carry_over(&config.client_keys, &p.config.client_keys, &p.quotas),
+            None => Quotas::new(&config.client_keys),
+        };
+        Ok(State { agents, balancer, metrics, quotas, guard, key_header, instance_keys, secrets, config })
     }
 
     /// How much of an upstream error body to read for the log: the logged length plus the longest key, so that

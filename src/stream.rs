@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use ureq::http;
 
-use crate::exchange::{Exchange, Relayed};
+use crate::exchange::{Caller, Exchange, Relayed};
 use crate::http::conn::abort;
 use crate::http::write::{self, Persist, ResponseHead, BROKEN_CHUNK, CHUNK_BUF, CHUNK_DATA, CHUNK_PREFIX, LAST_CHUNK};
 use crate::http::ClientStream;
@@ -36,6 +36,8 @@ pub struct Tally<'a> {
     pub write_limit: Duration,
     /// Keys to mask in relayed headers and non-2xx bodies.
     pub secrets: &'a Secrets,
+    /// Who asked: the tokens used are counted under its name and taken from its quota.
+    pub caller: Caller<'a>,
 }
 
 /// What is watched while a body is copied: the first byte of a stream, the token usage at the end.
@@ -63,9 +65,12 @@ impl Watch<'_> {
     }
 
     fn on_complete(&self) {
-        if let Some((prompt, completion)) = self.tail.as_ref().and_then(UsageTail::usage) {
-            let deployment = self.tally.deployment.unwrap_or("-");
-            self.tally.metrics.tokens(self.tally.instance, deployment, prompt, completion);
+        if let Some(usage) = self.tail.as_ref().and_then(UsageTail::usage) {
+            let (tally, caller) = (&self.tally, self.tally.caller);
+            tally.metrics.tokens(tally.instance, tally.deployment.unwrap_or("-"), caller.name, usage);
+            if let Some(quota) = caller.quota {
+                quota.spend_tokens(usage.total());
+            }
         }
     }
 }

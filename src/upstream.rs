@@ -141,18 +141,30 @@ fn head_len<B>(req: &http::Request<B>) -> usize {
     line + req.headers().iter().map(|(n, v)| n.as_str().len() + v.len() + 4).sum::<usize>() + 2
 }
 
-/// The deployment a request names: the path segment after `/openai/deployments/`, or, on `/openai/v1/` routes,
-/// the `model` field of its JSON body (read only when some instance maps or restricts deployments).
-pub fn requested_deployment(state: &State, head: &Head, body: &[u8]) -> Option<String> {
+/// The deployment a request names: the path segment after `/openai/deployments/`, or, on the routes that name it
+/// in the body (`/openai/v1/…`, `/openai/responses`), the `model` field of its JSON body. Only that one field is
+/// parsed out (the rest is skipped, not built), since every such request is read for it: per-key allowlists and
+/// the token metrics' `deployment` label need it, as does routing.
+pub fn requested_deployment(head: &Head, body: &[u8]) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct ModelOnly<'a> {
+        #[serde(borrow)]
+        model: Option<Cow<'a, str>>,
+    }
     let path = head.path();
     if let Some(rest) = path.strip_prefix("/openai/deployments/") {
         return rest.split('/').next().filter(|d| !d.is_empty()).map(str::to_string);
     }
-    if path.starts_with("/openai/v1/") && state.maps_deployments {
-        let value: serde_json::Value = serde_json::from_slice(body).ok()?;
-        return value.get("model")?.as_str().map(str::to_string);
+    if !model_in_body(path) || body.trim_ascii_start().first() != Some(&b'{') {
+        return None;
     }
-    None
+    let parsed: ModelOnly = serde_json::from_slice(body).ok()?;
+    parsed.model.filter(|m| !m.is_empty()).map(Cow::into_owned)
+}
+
+/// Whether requests on `path` name their deployment in the body's `model` field.
+fn model_in_body(path: &str) -> bool {
+    path.starts_with("/openai/v1/") || path == "/openai/responses" || path.starts_with("/openai/responses/")
 }
 
 /// Whether `inst` may serve a request for `deployment`: always, unless it is `deployments_only` and does not
@@ -190,11 +202,12 @@ fn pin_api_version(target: &str, version: &str) -> String {
     }
 }
 
-/// The body as this instance needs it: on `/openai/v1/` routes the `model` renamed when the instance maps it.
+/// The body as this instance needs it: where the body names the deployment (`/openai/v1/`, `/openai/responses`),
+/// the `model` renamed when the instance maps it.
 pub fn body_for<'a>(inst: &Instance, head: &Head, body: &'a [u8], deployment: Option<&str>) -> Cow<'a, [u8]> {
     let mapped = deployment.and_then(|d| inst.deployments.get(d));
     match mapped {
-        Some(to) if head.path().starts_with("/openai/v1/") => {
+        Some(to) if model_in_body(head.path()) => {
             let Ok(mut value) = serde_json::from_slice::<serde_json::Value>(body) else { return Cow::Borrowed(body) };
             value["model"] = serde_json::Value::String(to.clone());
             serde_json::to_vec(&value).map(Cow::Owned).unwrap_or(Cow::Borrowed(body))

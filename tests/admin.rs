@@ -89,8 +89,9 @@ fn metrics_follow_the_exposition_format_and_count_traffic() {
     assert_eq!(chat(p.addr, r#"{"stream": true, "stream_options": {"include_usage": true}}"#).status, 200);
     assert_eq!(call(p.addr, "POST", CHAT, &[("api-key", "wrong")], b"{}").status, 401);
     // A request is counted when its worker is done with it, a moment after the client has the answer.
-    let key200 = r#"azure_proxy_requests_total{route="chat",status="200"}"#;
-    let key401 = r#"azure_proxy_requests_total{route="chat",status="401"}"#;
+    // Labelled with the client key's name (a plain-string key is named by position); a refused key has none.
+    let key200 = r#"azure_proxy_requests_total{route="chat",status="200",client="key-1"}"#;
+    let key401 = r#"azure_proxy_requests_total{route="chat",status="401",client="-"}"#;
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     let text = loop {
         let text = metrics(p.addr);
@@ -114,8 +115,11 @@ fn metrics_follow_the_exposition_format_and_count_traffic() {
     assert_eq!(after.get(r#"azure_proxy_instance_available{instance="east"}"#), Some(&1.0));
     assert_eq!(delta("azure_proxy_stream_first_byte_seconds_count"), 1.0, "one streamed answer");
     // Usage: the JSON completion says 10 prompt + 3 completion tokens; the streamed one ends with a usage chunk.
-    assert_eq!(delta(r#"azure_proxy_tokens_total{instance="east",deployment="gpt-4o",kind="prompt"}"#), 20.0, "{text}");
-    assert_eq!(delta(r#"azure_proxy_tokens_total{instance="east",deployment="gpt-4o",kind="completion"}"#), 6.0);
+    let tokens = |kind: &str| {
+        delta(&format!(r#"azure_proxy_tokens_total{{instance="east",deployment="gpt-4o",client="key-1",kind="{kind}"}}"#))
+    };
+    assert_eq!(tokens("prompt"), 20.0, "{text}");
+    assert_eq!(tokens("completion"), 6.0, "{text}");
     assert!(after.contains_key("azure_proxy_queue_depth") && after.contains_key("azure_proxy_open_connections"));
     assert!(after.contains_key("azure_proxy_in_flight_requests") && after.contains_key("azure_proxy_blocked_clients"));
 }

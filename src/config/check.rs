@@ -223,19 +223,18 @@ impl Check<'_> {
     }
 
     /// The header names and the client allowlist. An error about a client key never shows the key.
-    pub(super) fn client_side(&self, raw: &FileConfig) -> Result<(String, String, Vec<Secret>), ConfigError> {
+    pub(super) fn client_side(
+        &self,
+        raw: &FileConfig,
+        env: &dyn Env,
+    ) -> Result<(String, String, Vec<ClientKey>), ConfigError> {
         let header = |v: &Option<String>, field: &str| {
             header_name(v).map_err(|problem| self.error(field, problem, "use a header name such as \"api-key\""))
         };
         let key_header = header(&raw.header_name, "header_name")?;
         let client_header = header(&raw.client_header_name, "client_header_name")?;
-        let mut client_keys = Vec::new();
-        for (i, k) in raw.client_keys.iter().flatten().enumerate() {
-            if k.is_empty() {
-                return Err(self.error(&format!("client_keys[{i}]"), "is an empty key", "remove it"));
-            }
-            client_keys.push(Secret::new(k.clone()));
-        }
+        let error = |field: &str, problem: &str, fix: &str| self.error(field, problem, fix);
+        let client_keys = super::client_keys::check(raw.client_keys.as_deref().unwrap_or_default(), env, &error)?;
         Ok((key_header, client_header, client_keys))
     }
 

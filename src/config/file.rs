@@ -78,7 +78,7 @@ pub(super) struct FileConfig {
     pub(super) instances: Vec<FileInstance>,
     pub(super) header_name: Option<String>,
     pub(super) client_header_name: Option<String>,
-    pub(super) client_keys: Option<Vec<String>>,
+    pub(super) client_keys: Option<Vec<client_keys::FileClientKey>>,
     pub(super) listen: Option<String>,
     pub(super) workers: Option<usize>,
     pub(super) idle_workers: Option<usize>,
@@ -150,7 +150,7 @@ impl FileConfig {
             instances: instances.into_iter().map(FileInstance::read).collect::<Result<_, _>>()?,
             header_name: o.string("header_name")?,
             client_header_name: o.string("client_header_name")?,
-            client_keys: o.secrets("client_keys")?,
+            client_keys: client_keys::read(&mut o)?,
             listen: o.string("listen")?,
             workers: o.number("workers")?,
             idle_workers: o.number("idle_workers")?,
@@ -230,7 +230,7 @@ impl Config {
         let instances = check.instances(&raw.instances, env)?;
         let routing = check.routing(&raw, instances.len())?;
         let set = overlay::apply(&raw, path, overrides, env)?;
-        let (header_name, client_header_name, client_keys) = check.client_side(&raw)?;
+        let (header_name, client_header_name, client_keys) = check.client_side(&raw, env)?;
         let positive = |v: Option<usize>, default: usize, field: &str| check.positive(v.unwrap_or(default), field);
         let ms = |v: Option<u64>, default: u64, field: &str| check.ms(v.unwrap_or(default), field);
         Ok(Config {

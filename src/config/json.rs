@@ -151,10 +151,6 @@ impl<'a> Object<'a> {
         self.list_of_text(name, false)
     }
 
-    pub(super) fn secrets(&mut self, name: &str) -> Result<Option<Vec<String>>, ConfigError> {
-        self.list_of_text(name, true)
-    }
-
     fn list_of_text(&mut self, name: &str, secret: bool) -> Result<Option<Vec<String>>, ConfigError> {
         let Some(items) = self.list(name)? else { return Ok(None) };
         let path = self.path(name);
@@ -184,6 +180,35 @@ impl<'a> Object<'a> {
             objects.push(Object::new(self.file, at, v, known)?);
         }
         Ok(Some(objects))
+    }
+
+    /// A list whose entries are each a string or an object (refusing fields not in `known`), e.g. `client_keys`;
+    /// they are named `name[i]`. A string entry counts as secret: its value is never quoted.
+    pub(super) fn texts_or_objects(
+        &mut self,
+        name: &str,
+        known: &'static [&'static str],
+        example: &str,
+    ) -> Result<Option<Vec<Item<'a>>>, ConfigError> {
+        let Some(items) = self.list(name)? else { return Ok(None) };
+        let path = self.path(name);
+        let mut out = Vec::with_capacity(items.len());
+        for (i, v) in items.into_iter().enumerate() {
+            let at = format!("{path}[{i}]");
+            out.push(match v {
+                Value::String(s) => Item::Text(s),
+                v @ Value::Object(_) => Item::Object(Object::new(self.file, at, v, known)?),
+                v => {
+                    return Err(ConfigError::in_file(
+                        self.file,
+                        &at,
+                        format!("expected a string or an object {{…}}, got {}", describe(&v, true)),
+                        format!("write the entry as a string in double quotes, or as an object such as {example}"),
+                    ))
+                }
+            });
+        }
+        Ok(Some(out))
     }
 
     /// An object whose values are strings, e.g. `deployments`; a value is named `name.key`.
@@ -217,6 +242,12 @@ impl<'a> Object<'a> {
             }
         }
     }
+}
+
+/// One entry of a list read by `Object::texts_or_objects`.
+pub(super) enum Item<'a> {
+    Text(String),
+    Object(Object<'a>),
 }
 
 fn as_string(file: &Path, path: &str, v: Value, secret: bool) -> Result<String, ConfigError> {
@@ -401,7 +432,7 @@ mod tests {
     #[test]
     fn secret_values_are_never_shown() {
         for text in [r#"{"client_keys": ["ok", 918273645]}"#, r#"{"client_keys": [true]}"#] {
-            let m = msg(read(text).and_then(|mut o| o.secrets("client_keys")));
+            let m = msg(read(text).and_then(|mut o| o.texts_or_objects("client_keys", &["name"], "{}").map(|_| ())));
             assert!(m.contains("field client_keys[1]") || m.contains("field client_keys[0]"), "{m}");
             assert!(!m.contains("918273645") && !m.contains("true"), "{m}");
         }

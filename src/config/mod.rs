@@ -14,7 +14,10 @@ use std::time::Duration;
 
 use crate::client_ip::Cidr;
 
+pub use client_keys::{ClientKey, KeyDigest};
+
 mod check;
+mod client_keys;
 #[cfg(test)]
 mod error_tests;
 mod file;
@@ -159,8 +162,9 @@ pub struct Config {
     pub header_name: String,
     /// Header that carries the client's key to the proxy (lowercase).
     pub client_header_name: String,
-    /// Allowlist of client keys; empty means any non-empty key is accepted (the original's behaviour).
-    pub client_keys: Vec<Secret>,
+    /// Allowlist of client keys, with their names and limits; empty means any non-empty key is accepted (the
+    /// original's behaviour).
+    pub client_keys: Vec<ClientKey>,
     pub listen: SocketAddr,
     /// The most worker threads (requests served at once); started on demand.
     pub workers: usize,
@@ -315,7 +319,7 @@ impl Config {
     /// Every secret the proxy holds, for scrubbing text that came from outside before it is logged.
     pub fn secrets(&self) -> Vec<String> {
         let upstream = self.instances.iter().map(|i| i.api_key.expose().to_string());
-        let clients = self.client_keys.iter().map(|k| k.expose().to_string());
+        let clients = self.client_keys.iter().filter_map(|k| k.plain.as_ref()).map(|k| k.expose().to_string());
         upstream.chain(clients).collect()
     }
 }
