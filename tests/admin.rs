@@ -116,7 +116,9 @@ fn metrics_follow_the_exposition_format_and_count_traffic() {
     assert_eq!(delta("azure_proxy_stream_first_byte_seconds_count"), 1.0, "one streamed answer");
     // Usage: the JSON completion says 10 prompt + 3 completion tokens; the streamed one ends with a usage chunk.
     let tokens = |kind: &str| {
-        delta(&format!(r#"azure_proxy_tokens_total{{instance="east",deployment="gpt-4o",client="key-1",kind="{kind}"}}"#))
+        delta(&format!(
+            r#"azure_proxy_tokens_total{{instance="east",deployment="gpt-4o",client="key-1",kind="{kind}"}}"#
+        ))
     };
     assert_eq!(tokens("prompt"), 20.0, "{text}");
     assert_eq!(tokens("completion"), 6.0, "{text}");

@@ -8,6 +8,7 @@ mod admin;
 mod auth;
 mod basics;
 mod binary;
+mod clients;
 mod config_errors;
 mod faults;
 mod front_end;

@@ -209,3 +209,78 @@ fn pool_defaults_serve_thousands_of_streams_and_keep_a_few_threads_warm() {
     .expect("valid");
     assert_eq!(c.idle_workers, 4, "never more warm threads than the bound");
 }
+
+#[test]
+fn client_key_entries_say_what_is_wrong_without_showing_a_key() {
+    let keys = |entries: &str| {
+        let text = format!(
+            r#"{{"instances": [{{"endpoint": "https://a.example", "api_key": "key-AAA"}}], "client_keys": [{entries}]}}"#
+        );
+        let e = Config::from_json(&text, Path::new("conf/azure.json"), &Overrides::default(), &MapEnv(HashMap::new()))
+            .expect_err(entries);
+        let m = e.message;
+        assert!(m.contains("; fix: "), "no fix: {m}");
+        for secret in ["key-AAA", "client-CCC", "s3cret", "other"] {
+            assert!(!m.contains(secret), "{secret} shown: {m}");
+        }
+        m
+    };
+    let m = keys(r#""client-CCC", {"name": "team-a", "key": "s3cret", "key_env": "X"}"#);
+    assert!(m.contains("field client_keys[1]: gives more than one of key, key_env and key_sha256"), "{m}");
+    let m = keys(r#"{"name": "team-a"}"#);
+    assert!(m.contains("field client_keys[0]: has no key; fix: give one of key, key_env or key_sha256"), "{m}");
+    let m = keys(r#"{"name": "a", "key": "s3cret"}, {"name": "a", "key": "other"}"#);
+    assert!(m.contains("field client_keys[1].name: \"a\" is also the name of client_keys[0]"), "{m}");
+    // Plain keys are named by position: a named entry may not take one of those names.
+    let m = keys(r#""client-CCC", {"name": "key-1", "key": "s3cret"}"#);
+    assert!(m.contains("client_keys[1].name: \"key-1\" is also the name of client_keys[0]"), "{m}");
+    let m = keys(r#""s3cret", {"name": "b", "key": "s3cret"}"#);
+    assert!(m.contains("field client_keys[1]: is the same key as client_keys[0]"), "{m}");
+    // printf %s s3cret | sha256sum: the same key given as a digest is the same key.
+    let m = keys(
+        r#""s3cret", {"name": "ci", "key_sha256": "1ec1c26b50d5d3c58d9583181af8076655fe00756bf7285940ba3670f99fcba0"}"#,
+    );
+    assert!(m.contains("field client_keys[1]: is the same key as client_keys[0]"), "{m}");
+    let m = keys(r#"{"name": "ci", "key_sha256": "abc"}"#);
+    assert!(m.contains("client_keys[0].key_sha256: is not a SHA-256 digest") && m.contains("sha256sum"), "{m}");
+    let m = keys(r#"{"name": "bad name", "key": "s3cret"}"#);
+    assert!(m.contains("client_keys[0].name: \"bad name\" holds ' '"), "{m}");
+    let m = keys(r#"{"name": "b", "key_env": "TEAM_B_KEY"}"#);
+    assert!(m.contains("client_keys[0].key_env: environment variable TEAM_B_KEY is not set"), "{m}");
+    let m = keys(r#"{"name": "b", "key": "s3cret", "deployments": []}"#);
+    assert!(m.contains("client_keys[0].deployments: is empty"), "{m}");
+    let m = keys(r#"{"name": "b", "key": "s3cret", "requests_per_minute": 0}"#);
+    assert!(m.contains("client_keys[0].requests_per_minute: must be greater than 0"), "{m}");
+    let m = keys(r#"{"name": "b", "key": "s3cret", "tokens_per_minute": "100"}"#);
+    assert!(m.contains("client_keys[0].tokens_per_minute: expected a whole number"), "{m}");
+    let m = keys(r#"{"name": "b", "keys": "s3cret"}"#);
+    assert!(m.contains("client_keys[0].keys: unknown field \"keys\"") && m.contains("did you mean \"key\""), "{m}");
+    let m = keys(r#"12345"#);
+    assert!(m.contains("client_keys[0]: expected a string or an object") && !m.contains("12345"), "{m}");
+    let m = keys(r#"{"name": "b", "key": 918273}"#);
+    assert!(m.contains("client_keys[0].key: expected a string, got a number") && !m.contains("918273"), "{m}");
+}
+
+#[test]
+fn client_keys_of_every_form_load_with_their_names() {
+    let text = r#"{"instances": [{"endpoint": "https://a.example", "api_key": "k"}], "client_keys": [
+        "plain-one",
+        {"name": "team-a", "key": "team-a-key", "deployments": ["gpt-4o-mini"], "requests_per_minute": 60},
+        {"name": "team-b", "key_env": "TEAM_B_KEY", "tokens_per_minute": 1000},
+        {"key_sha256": "BA7816BF8F01CFEA414140DE5DAE2223B00361A396177A9CB410FF61F20015AD"},
+        "plain-two"]}"#;
+    let env = MapEnv([("TEAM_B_KEY", "team-b-key")].into_iter().collect());
+    let c = Config::from_json(text, Path::new("c.json"), &Overrides::default(), &env).expect("valid");
+    let names: Vec<&str> = c.client_keys.iter().map(|k| k.name.as_str()).collect();
+    assert_eq!(names, ["key-1", "team-a", "team-b", "key-4", "key-5"]);
+    assert_eq!(c.client_keys[3].digest, KeyDigest::of(b"abc"));
+    assert_eq!(c.client_keys[2].digest, KeyDigest::of(b"team-b-key"));
+    assert_eq!(c.client_keys[1].requests_per_minute, Some(60));
+    assert!(c.client_keys[1].deployments.as_ref().is_some_and(|d| d.contains("gpt-4o-mini")));
+    // Log scrubbing knows every key it was given in plain, and nothing for a digest.
+    let secrets = c.secrets();
+    for k in ["plain-one", "team-a-key", "team-b-key", "plain-two"] {
+        assert!(secrets.iter().any(|s| s == k), "{k}");
+    }
+    assert!(!format!("{c:?}").contains("team-a-key"), "Debug shows no key");
+}
