@@ -5,6 +5,7 @@
 #   bash scripts/demo.sh            # proxy on 127.0.0.1:8000
 #   DEMO_PORT=9000 bash scripts/demo.sh                 # another port for the proxy
 #   DEMO_MOCK_PORTS="19001 19002" bash scripts/demo.sh  # other ports for the two mock instances
+#   DEMO_NO_WAIT=1 bash scripts/demo.sh                 # on a terminal, do not wait for Enter before stopping
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -69,11 +70,12 @@ cat >"$CONFIG" <<EOF
     {"endpoint": "http://127.0.0.1:${EAST_PORT}", "api_key": "east-secret", "name": "eastus"},
     {"endpoint": "http://127.0.0.1:${WEST_PORT}", "api_key": "west-secret", "name": "westus"}
   ],
-  "client_keys": ["demo-key"]
+  "client_keys": [{"name": "demo", "key": "demo-key"}]
 }
 EOF
 cat "$CONFIG"
-note "Clients use the key 'demo-key'; the proxy swaps in each instance's own key."
+note "Clients use the key 'demo-key' (named 'demo' in the access log and metrics); the proxy swaps in each" \
+    "instance's own key."
 
 step "Starting azure-proxy on ${PROXY}"
 target/release/azure-proxy --config "$CONFIG" --listen "127.0.0.1:${PORT}" 2>"${DEMO_DIR}/proxy.log" &
@@ -81,31 +83,43 @@ PIDS+=($!)
 wait_for "${DEMO_DIR}/proxy.log" "listening on 127.0.0.1:${PORT}" "$!"
 note "Ready. Its log is in ${DEMO_DIR}/proxy.log."
 
+# run CMD: prints the command exactly as it is run (so that it can be pasted into another terminal while the
+# demo is up), then runs it.
+run() {
+    printf '    $ %s\n' "$1"
+    eval "$1"
+}
+BODY='{"messages": [{"role": "user", "content": "Say hello"}]}'
+CURL="curl -sS '${PROXY}${CHAT_PATH}' -H 'api-key: demo-key' -H 'content-type: application/json'"
+
 step "1. A plain chat completion"
-note "curl -sS ${PROXY}${CHAT_PATH} -H 'api-key: demo-key' -d '{\"messages\": [...]}'"
-body='{"messages": [{"role": "user", "content": "Say hello"}]}'
-if command -v python3 >/dev/null; then
-    curl -sS "${PROXY}${CHAT_PATH}" -H 'api-key: demo-key' -H 'content-type: application/json' -d "$body" \
-        | python3 -m json.tool
-else
-    curl -sS "${PROXY}${CHAT_PATH}" -H 'api-key: demo-key' -H 'content-type: application/json' -d "$body"
-    echo
-fi
+run "${CURL} -d '${BODY}'"
+echo
 note "Run it again and the other instance answers: requests go round robin."
-curl -sS "${PROXY}${CHAT_PATH}" -H 'api-key: demo-key' -H 'content-type: application/json' -d "$body" \
-    | grep -o '"content": *"[^"]*"'
+run "${CURL} -d '${BODY}'"
+echo
 
 step "2. A streamed chat completion (\"stream\": true)"
-note "curl -sN (no buffering): the events appear one by one, as the instance sends them."
-curl -sSN "${PROXY}${CHAT_PATH}" -H 'api-key: demo-key' -H 'content-type: application/json' \
-    -d '{"stream": true, "messages": [{"role": "user", "content": "Say hello"}]}'
+note "curl -N (no buffering): the events appear one by one, as the instance sends them."
+run "curl -sSN '${PROXY}${CHAT_PATH}' -H 'api-key: demo-key' -H 'content-type: application/json' -d '{\"stream\": true, \"messages\": [{\"role\": \"user\", \"content\": \"Say hello\"}]}'"
 
-step "3. A wrong client key"
+step "3. The v1 API, as the plain OpenAI clients call it"
+note "The key goes as Authorization: Bearer, the deployment as the model field."
+run "curl -sS '${PROXY}/openai/v1/chat/completions' -H 'Authorization: Bearer demo-key' -H 'content-type: application/json' -d '{\"model\": \"gpt-4o\", \"messages\": [{\"role\": \"user\", \"content\": \"Say hello\"}]}'"
+echo
+
+step "4. A wrong client key"
 note "The proxy rejects it itself with 401; no instance is contacted."
-curl -sS "${PROXY}${CHAT_PATH}" -H 'api-key: wrong-key' -H 'content-type: application/json' -d "$body" \
-    -w '\nHTTP status: %{http_code}\n'
+run "curl -sS '${PROXY}${CHAT_PATH}' -H 'api-key: wrong-key' -H 'content-type: application/json' -d '${BODY}' -w '\\nHTTP status: %{http_code}\\n'"
 
 step "What the proxy logged (one access line per request)"
 cat "${DEMO_DIR}/proxy.log"
+
+if [ -t 0 ] && [ -z "${DEMO_NO_WAIT:-}" ]; then
+    step "The proxy and the mock instances stay up"
+    note "Paste any command above (the lines starting with \$) into another terminal." \
+        "Press Enter here to stop them."
+    read -r _
+fi
 
 step "Done: stopping the proxy and the mock instances"
