@@ -43,13 +43,13 @@ test:
 	cargo test
 	$(MAKE) --no-print-directory e2e
 
-# The openai SDK lives in a venv under target/, created on first use.
-$(VENV)/.openai-installed:
+# The openai SDK and LangChain's OpenAI integration live in a venv under target/, created on first use.
+$(VENV)/.sdks-installed:
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install --quiet --disable-pip-version-check openai
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check openai langchain-openai
 	touch $@
 
-e2e: $(VENV)/.openai-installed
+e2e: $(VENV)/.sdks-installed
 	cargo build --bin azure-proxy --example mock_azure
 	$(VENV)/bin/python tests/e2e/openai_sdk_test.py
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
-"""End-to-end test: the official `openai` Python SDK talking to azure-proxy in front of two mock instances.
+"""End-to-end test: the official `openai` Python SDK and LangChain (`langchain-openai`) talking to azure-proxy in
+front of two mock instances.
 
-Usage: python tests/e2e/openai_sdk_test.py   (needs `pip install openai`)
+Usage: python tests/e2e/openai_sdk_test.py   (needs `pip install openai langchain-openai`)
 
 Binaries come from AZURE_PROXY_BIN and MOCK_AZURE_BIN (default: target/debug/azure-proxy and
 target/debug/examples/mock_azure; build them with `cargo build --bin azure-proxy --example mock_azure`).
@@ -25,6 +26,7 @@ PROXY_BIN = os.environ.get("AZURE_PROXY_BIN", str(ROOT / "target/debug/azure-pro
 MOCK_BIN = os.environ.get("MOCK_AZURE_BIN", str(ROOT / "target/debug/examples/mock_azure"))
 
 CLIENT_KEY = "e2e-client-key"
+LIMITED_KEY = "e2e-limited-key"  # a named key allowed one request per minute
 API_VERSION = "2024-06-01"
 EVENT_DELAY_S = 0.2  # the mocks' pause between two SSE events
 INSTANCES = [("east", "east-secret"), ("west", "west-secret")]
@@ -74,7 +76,8 @@ class Setup:
             instances.append({"endpoint": f"http://127.0.0.1:{port}", "api_key": key, "name": name})
 
         config = self.workdir / "azure_instances.json"
-        config.write_text(json.dumps({"instances": instances, "client_keys": [CLIENT_KEY]}, indent=2))
+        client_keys = [CLIENT_KEY, {"name": "limited", "key": LIMITED_KEY, "requests_per_minute": 1}]
+        config.write_text(json.dumps({"instances": instances, "client_keys": client_keys}, indent=2))
         self.port = free_port()
         args = [PROXY_BIN, "--config", str(config), "--listen", f"127.0.0.1:{self.port}", "--workers", "8"]
         self.spawn("proxy", args, f"listening on 127.0.0.1:{self.port}")
@@ -148,6 +151,38 @@ def test_v1_api_with_the_plain_openai_client(env):
     assert "".join(pieces) in ("Hello from east", "Hello from west"), repr("".join(pieces))
 
 
+def test_langchain_chat_openai_on_v1_and_azure_chat_openai(env):
+    from langchain_openai import AzureChatOpenAI, ChatOpenAI
+
+    base = f"http://127.0.0.1:{env.port}"
+    v1 = ChatOpenAI(base_url=f"{base}/openai/v1/", api_key=CLIENT_KEY, model="gpt-4o", max_retries=0, timeout=30)
+    azure = AzureChatOpenAI(
+        azure_endpoint=base,
+        api_key=CLIENT_KEY,
+        api_version=API_VERSION,
+        azure_deployment="gpt-4o",
+        max_retries=0,
+        timeout=30,
+    )
+    for llm in (v1, azure):
+        answer = llm.invoke("Say hello").content
+        assert answer in ("Hello from east", "Hello from west"), repr(answer)
+        streamed = "".join(chunk.content for chunk in llm.stream("Say hello"))
+        assert streamed in ("Hello from east", "Hello from west"), repr(streamed)
+
+
+def test_a_key_over_its_rate_limit_gets_the_proxys_429(env):
+    client = env.v1_client(api_key=LIMITED_KEY)
+    client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    try:
+        client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    except openai.RateLimitError as e:
+        assert e.code == "client_requests_per_minute_exceeded", e.code
+        assert int(e.response.headers["retry-after"]) >= 1, e.response.headers
+    else:
+        raise AssertionError("a second request within the minute was served")
+
+
 def test_wrong_client_key_is_rejected(env):
     client = env.client(api_key="not-a-valid-key")
     try:
@@ -176,6 +211,8 @@ TESTS = [
     test_streamed_completion_is_live,
     test_request_id_header,
     test_v1_api_with_the_plain_openai_client,
+    test_langchain_chat_openai_on_v1_and_azure_chat_openai,
+    test_a_key_over_its_rate_limit_gets_the_proxys_429,
     test_wrong_client_key_is_rejected,  # last: bad keys count towards the proxy's blocking of a client
 ]
 
