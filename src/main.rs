@@ -34,6 +34,12 @@ fn main() -> ExitCode {
                 for i in &config.instances {
                     println!("  {} -> {}", i.name, i.endpoint);
                 }
+                if !config.client_keys.is_empty() {
+                    println!("client keys: {}", config.client_keys.len());
+                }
+                for k in &config.client_keys {
+                    println!("  {}", describe_key(k));
+                }
                 ExitCode::SUCCESS
             }
             Err(code) => code,
@@ -85,4 +91,22 @@ fn init_logging(level: log::LevelFilter) {
         .with_module_level("ureq_proto", level.min(log::LevelFilter::Warn))
         .with_module_level("rustls", level.min(log::LevelFilter::Warn))
         .init();
+}
+
+/// A client key as `--check-config` lists it: its name and what restricts it, never the key.
+fn describe_key(k: &azure_proxy::config::ClientKey) -> String {
+    let mut out = k.name.clone();
+    if k.plain.is_none() {
+        out.push_str(" (as SHA-256)");
+    }
+    if let Some(d) = &k.deployments {
+        out.push_str(&format!(", deployments: {}", d.iter().cloned().collect::<Vec<_>>().join(", ")));
+    }
+    if let Some(n) = k.requests_per_minute {
+        out.push_str(&format!(", {n} requests/min"));
+    }
+    if let Some(n) = k.tokens_per_minute {
+        out.push_str(&format!(", {n} tokens/min"));
+    }
+    out
 }

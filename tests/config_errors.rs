@@ -149,3 +149,19 @@ fn check_config_without_client_keys_warns_like_the_running_proxy() {
     assert_eq!(code, 0);
     assert!(!err.contains("NO CLIENT KEY ALLOWLIST"), "{err}");
 }
+
+#[test]
+fn client_keys_are_listed_by_name_with_their_limits_and_never_shown() {
+    let text = r#"{"instances": [{"endpoint": "https://a.example", "api_key": "key-AAA"}], "client_keys": ["s3cret",
+        {"name": "team-b", "key_env": "TEAM_B_KEY", "deployments": ["gpt-4o"], "requests_per_minute": 5},
+        {"name": "ci", "key_sha256": "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad",
+         "tokens_per_minute": 1000}]}"#;
+    let path = file("ce-named-keys.json", text);
+    let (code, out, err) = check(&["--config", &path], &[("TEAM_B_KEY", "team-b-s3cret")]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("client keys: 3\n  key-1\n  team-b, deployments: gpt-4o, 5 requests/min\n"), "{out}");
+    assert!(out.contains("  ci (as SHA-256), 1000 tokens/min\n"), "{out}");
+    assert!(!out.contains("s3cret") && !err.contains("s3cret") && !out.contains("ba7816"), "{out}{err}");
+    // The variable a key_env names must be set; the error names it, not a value.
+    fails_with(&["--config", &path], &[], &["field client_keys[1].key_env", "TEAM_B_KEY is not set"]);
+}
