@@ -56,16 +56,24 @@ fn scrape(state: &State) -> String {
         blocked_clients: state.guard.blocked_clients(),
         instances: state.balancer.snapshot().into_iter().map(|(n, why)| (n, why.is_none())).collect(),
     };
-    m.render(&gauges)
+    let mut text = m.render(&gauges);
+    state.tokens.render(&mut text);
+    text
 }
 
-/// 200 while at least one instance can take a request now, else 503 with each instance's state.
+/// 200 while at least one instance can take a request now, else 503 with each instance's state (and each
+/// Entra ID identity's token state). An instance whose identity has no token and whose last token request
+/// failed is `no_token`.
 fn readiness(state: &State) -> (u16, serde_json::Value) {
+    let no_token =
+        |i: usize| state.tokens.for_instance(i).is_some_and(|c| !c.usable() && c.status().state == "failing");
     let instances: Vec<serde_json::Value> = state
         .balancer
         .snapshot()
         .into_iter()
-        .map(|(name, why)| match why {
+        .enumerate()
+        .map(|(i, (name, why))| match why {
+            None if no_token(i) => serde_json::json!({"name": name, "state": "no_token"}),
             None => serde_json::json!({"name": name, "state": "available"}),
             Some(Unavailable::CoolingDown(d)) => {
                 serde_json::json!({"name": name, "state": "cooling_down", "retry_after_ms": d.as_millis() as u64})
@@ -76,11 +84,15 @@ fn readiness(state: &State) -> (u16, serde_json::Value) {
         })
         .collect();
     let ready = instances.iter().any(|i| i["state"] == "available");
-    let body = if ready {
+    let mut body = if ready {
         serde_json::json!({"status": "ready", "instances": instances})
     } else {
-        serde_json::json!({"status": "unavailable", "reason": "every instance is cooling down or its circuit is open", "instances": instances})
+        serde_json::json!({"status": "unavailable", "reason": "every instance is cooling down, has its circuit open or has no token", "instances": instances})
     };
+    let identities = state.tokens.readiness();
+    if !identities.is_empty() {
+        body["identities"] = serde_json::Value::Array(identities);
+    }
     (if ready { 200 } else { 503 }, body)
 }
 

@@ -24,6 +24,7 @@ pub mod cli;
 #[doc(hidden)] // public for the fuzz targets only
 pub mod client_ip;
 pub mod config;
+pub(crate) mod entra;
 pub(crate) mod exchange;
 pub(crate) mod front;
 pub(crate) mod guard;

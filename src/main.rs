@@ -33,6 +33,13 @@ fn main() -> ExitCode {
                 println!("config OK: {} instance(s), listen {}", config.instances.len(), config.listen);
                 for i in &config.instances {
                     println!("  {} -> {}", i.name, i.endpoint);
+                    if let azure_proxy::config::Credential::Entra(auth) = &i.credential {
+                        // What a token request will use and read, without making one.
+                        println!("    auth: {}, scope {}", auth.label(), auth.scope);
+                        for source in &auth.sources {
+                            println!("    reads {source}");
+                        }
+                    }
                 }
                 if !config.client_keys.is_empty() {
                     println!("client keys: {}", config.client_keys.len());

@@ -18,7 +18,7 @@ use crate::http::write::{self, Persist};
 use crate::http::ClientStream;
 use crate::state::State;
 use crate::stream::{stream_response, Tally};
-use crate::upstream::{self, classify, error_snippet, retry_after, FailureKind};
+use crate::upstream::{self, classify, error_snippet, retry_after, FailureKind, Outgoing};
 
 const INVALID: &str = "invalid_request_error";
 
@@ -120,7 +120,23 @@ impl Run<'_> {
             state.metrics.retries.fetch_add(1, Ordering::Relaxed);
         }
         let t0 = Instant::now();
-        let result = upstream::send(state, idx, &self.method, &self.headers, &target, &body, ex.framing);
+        let credential = match state.credential(idx) {
+            Ok(c) => c,
+            Err(why) => {
+                // No token for this instance's identity: the next instance may have one.
+                self.failed(idx, nth, t0.elapsed(), FailureKind::Auth, why, attempts);
+                return Step::Next;
+            }
+        };
+        let out = Outgoing {
+            method: &self.method,
+            headers: &self.headers,
+            target: &target,
+            body: &body,
+            framing: ex.framing,
+            credential: &credential,
+        };
+        let result = upstream::send(state, idx, out);
         let elapsed = t0.elapsed();
         match result {
             Ok(resp) if resp.status().is_informational() => {
@@ -134,6 +150,11 @@ impl Run<'_> {
             Ok(resp) => {
                 let status = resp.status().as_u16();
                 state.metrics.attempt(&inst.name, status_class(status), elapsed);
+                if status == 401 {
+                    if let Some(cell) = state.tokens.for_instance(idx) {
+                        cell.rejected(&credential.1);
+                    }
+                }
                 let retry_after = retry_after(resp.headers());
                 state.balancer.observe(idx, Observation::Answered { status, retry_after });
                 let last = nth == total;
@@ -182,6 +203,11 @@ impl Run<'_> {
         if kind.is_instance_fault() {
             state.metrics.attempt(name, kind.label(), elapsed);
             state.balancer.observe(idx, Observation::Unreachable);
+        } else if kind == FailureKind::Auth {
+            // The identity's fault, not the instance's: no circuit (token requests back off on their own, and
+            // the instance is skipped at once while there is no token).
+            state.metrics.attempt(name, kind.label(), elapsed);
+            state.balancer.release(idx);
         } else {
             state.metrics.attempts_not_sent.fetch_add(1, Ordering::Relaxed);
             state.balancer.release(idx);

@@ -5,12 +5,13 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 
-use ureq::http::header::{HeaderName, HeaderValue};
+use ureq::http::header::{HeaderName, HeaderValue, AUTHORIZATION};
 use ureq::tls::{RootCerts, TlsConfig};
 use ureq::Agent;
 
 use crate::balancer::Balancer;
-use crate::config::{Config, EgressProxy};
+use crate::config::{Config, Credential, EgressProxy};
+use crate::entra::Tokens;
 use crate::guard::Guard;
 use crate::metrics::Metrics;
 use crate::quota::Quotas;
@@ -30,8 +31,11 @@ pub struct State {
     pub quotas: Quotas,
     /// `config.header_name`, parsed once.
     pub key_header: HeaderName,
-    /// Each instance's key as a header value, parsed once and marked sensitive (hidden from `Debug`).
-    pub instance_keys: Vec<HeaderValue>,
+    /// Each instance's key as a header value, parsed once and marked sensitive (hidden from `Debug`); `None`
+    /// for an instance that uses Entra ID tokens.
+    pub instance_keys: Vec<Option<HeaderValue>>,
+    /// The Entra ID tokens of the instances configured with `auth`; kept across reloads per identity.
+    pub tokens: Tokens,
     /// Every configured key, for scrubbing text from outside (upstream error bodies and headers) before it is
     /// logged or relayed.
     pub secrets: Secrets,
@@ -54,11 +58,16 @@ impl State {
             .map_err(|_| format!("header_name {:?} is not a valid header name", config.header_name))?;
         let mut instance_keys = Vec::with_capacity(config.instances.len());
         for inst in &config.instances {
-            let mut v = HeaderValue::from_str(inst.api_key.expose())
+            let Credential::Key(key) = &inst.credential else {
+                instance_keys.push(None);
+                continue;
+            };
+            let mut v = HeaderValue::from_str(key.expose())
                 .map_err(|_| format!("the api_key of instance {} is not a valid header value", inst.name))?;
             v.set_sensitive(true);
-            instance_keys.push(v);
+            instance_keys.push(Some(v));
         }
+        let tokens = Tokens::new(&config, previous.map(|p| &p.tokens));
         let secrets = Secrets::new(config.secrets());
         let agents = match previous {
             Some(p) if agent_settings(&p.config) == agent_settings(&config) => p.agents.clone(),
@@ -77,7 +86,20 @@ impl State {
             Some(p) => Quotas::carry_over(&config.client_keys, &p.config.client_keys, &p.quotas),
             None => Quotas::new(&config.client_keys),
         };
-        Ok(State { agents, balancer, metrics, quotas, guard, key_header, instance_keys, secrets, config })
+        Ok(State { agents, balancer, metrics, quotas, guard, key_header, instance_keys, tokens, secrets, config })
+    }
+
+    /// The header that authenticates the proxy to instance `idx`: its key in `header_name`, or `Authorization`
+    /// with its identity's Entra ID token (waiting up to `connect_timeout` when there is none yet). `Err` says
+    /// why no token can be had.
+    pub fn credential(&self, idx: usize) -> Result<(HeaderName, HeaderValue), String> {
+        if let Some(key) = &self.instance_keys[idx] {
+            return Ok((self.key_header.clone(), key.clone()));
+        }
+        match self.tokens.for_instance(idx) {
+            Some(cell) => cell.get(self.config.connect_timeout).map(|v| (AUTHORIZATION, v)),
+            None => Err("the instance has neither a key nor an identity".to_string()),
+        }
     }
 
     /// How much of an upstream error body to read for the log: the logged length plus the longest key, so that

@@ -39,6 +39,8 @@ pub enum FailureKind {
     /// The request could not be put on the wire (a builder or header error): the request's fault or the
     /// proxy's, the same on every instance.
     Request,
+    /// No Entra ID token could be had for the instance's identity (the token endpoint failed).
+    Auth,
     Other,
 }
 
@@ -54,6 +56,7 @@ impl FailureKind {
             FailureKind::Protocol => "protocol",
             FailureKind::Local => "local",
             FailureKind::Request => "request",
+            FailureKind::Auth => "auth",
             FailureKind::Other => "other",
         }
     }
@@ -61,7 +64,7 @@ impl FailureKind {
     /// Whether the failure says something about the instance. Only these count against its circuit and
     /// appear in its attempt metrics; the others are this process's or the request's own.
     pub fn is_instance_fault(self) -> bool {
-        !matches!(self, FailureKind::Local | FailureKind::Request)
+        !matches!(self, FailureKind::Local | FailureKind::Request | FailureKind::Auth)
     }
 }
 
@@ -90,25 +93,32 @@ pub fn forward_headers(state: &State, ex: &Exchange) -> Result<HeaderMap, String
     Ok(map)
 }
 
-pub fn send(
-    state: &State,
-    idx: usize,
-    method: &Method,
-    headers: &HeaderMap,
-    target: &str,
-    body: &[u8],
-    framing: Framing,
-) -> Result<http::Response<ureq::Body>, ureq::Error> {
+/// One attempt's request, as it goes to one instance.
+pub struct Outgoing<'a> {
+    pub method: &'a Method,
+    /// The client's headers as `forward_headers` made them.
+    pub headers: &'a HeaderMap,
+    /// Path and query, as `target_for` made them.
+    pub target: &'a str,
+    pub body: &'a [u8],
+    pub framing: Framing,
+    /// The instance's key header, or `Authorization` with a token (`State::credential`).
+    pub credential: &'a (HeaderName, HeaderValue),
+}
+
+pub fn send(state: &State, idx: usize, out: Outgoing) -> Result<http::Response<ureq::Body>, ureq::Error> {
     let mut req = http::Request::builder()
-        .method(method.clone())
-        .uri(format!("{}{}", state.config.instances[idx].endpoint, target))
+        .method(out.method.clone())
+        .uri(format!("{}{}", state.config.instances[idx].endpoint, out.target))
         .body(())
         .map_err(ureq::Error::from)?;
-    *req.headers_mut() = headers.clone();
-    req.headers_mut().insert(state.key_header.clone(), state.instance_keys[idx].clone());
+    *req.headers_mut() = out.headers.clone();
+    let (name, value) = out.credential;
+    req.headers_mut().insert(name.clone(), value.clone());
     let (parts, ()) = req.into_parts();
+    let body = out.body;
     // A request that had no body framing goes out with none; otherwise the exact bytes, with a Content-Length.
-    match framing {
+    match out.framing {
         Framing::None => run(state, idx, http::Request::from_parts(parts, ())),
         Framing::Length(_) | Framing::Chunked => run(state, idx, http::Request::from_parts(parts, body)),
     }

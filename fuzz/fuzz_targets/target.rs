@@ -81,7 +81,16 @@ fuzz_target!(|data: &[u8]| {
         return;
     }
     let rig = rig();
-    let sent = upstream::send(&rig.state, 0, &Method::GET, &HeaderMap::new(), text, b"", Framing::None);
+    let credential = rig.state.credential(0).expect("a key");
+    let out = upstream::Outgoing {
+        method: &Method::GET,
+        headers: &HeaderMap::new(),
+        target: text,
+        body: b"",
+        framing: Framing::None,
+        credential: &credential,
+    };
+    let sent = upstream::send(&rig.state, 0, out);
     let resp = sent.unwrap_or_else(|e| panic!("accepted target {text:?} could not be sent: {e}"));
     assert_eq!(resp.status().as_u16(), 204);
     drop(resp);

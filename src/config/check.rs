@@ -112,7 +112,7 @@ impl Check<'_> {
         let at = |f: &str| format!("instances[{i}].{f}");
         let (endpoint, host) =
             normalize_endpoint(&inst.endpoint).map_err(|(problem, fix)| self.error(&at("endpoint"), problem, fix))?;
-        let api_key = self.api_key(i, inst, env)?;
+        let credential = self.credential(i, inst, env)?;
         let name = inst.name.clone().unwrap_or(host);
         if name.is_empty() {
             return Err(self.error(
@@ -148,7 +148,7 @@ impl Check<'_> {
         Ok(Instance {
             name,
             endpoint,
-            api_key: Secret::new(api_key),
+            credential,
             priority: inst.priority.unwrap_or(0),
             weight,
             deployments,
@@ -158,6 +158,21 @@ impl Check<'_> {
             upstream_response_timeout: opt_ms(inst.upstream_response_timeout_ms, "upstream_response_timeout_ms")?,
             upstream_read_timeout: opt_ms(inst.upstream_read_timeout_ms, "upstream_read_timeout_ms")?,
         })
+    }
+
+    /// The instance's credential: its `auth` (Entra ID), or its key. No error shows a secret.
+    fn credential(&self, i: usize, inst: &FileInstance, env: &dyn Env) -> Result<Credential, ConfigError> {
+        let Some(auth) = &inst.auth else { return self.api_key(i, inst, env).map(|k| Credential::Key(Secret::new(k))) };
+        if inst.api_key.is_some() || inst.api_key_env.is_some() {
+            return Err(self.error(
+                &format!("instances[{i}].auth"),
+                "is given together with an instance key (api_key or api_key_env)",
+                "keep one way to authenticate: auth for Entra ID tokens, or the key",
+            ));
+        }
+        let error =
+            |field: &str, problem: &str, fix: &str| self.error(&format!("instances[{i}].auth.{field}"), problem, fix);
+        super::entra::check(auth, env, &error).map(Credential::Entra)
     }
 
     /// The instance key from `api_key` or from the variable `api_key_env` names. Neither error shows the key.
@@ -193,7 +208,8 @@ impl Check<'_> {
             (None, None) => Err(self.error(
                 &at("api_key"),
                 "missing",
-                "give the instance key as api_key, or name an environment variable holding it in api_key_env",
+                "give the instance key as api_key, name an environment variable holding it in api_key_env, or use \
+                 Entra ID tokens with \"auth\": {\"type\": \"managed_identity\"} (or workload_identity, client_secret)",
             )),
         }
     }

@@ -60,6 +60,7 @@ const INSTANCE_FIELDS: &[&str] = &[
     "endpoint",
     "api_key",
     "api_key_env",
+    "auth",
     "name",
     "priority",
     "weight",
@@ -125,6 +126,7 @@ pub(super) struct FileInstance {
     pub(super) endpoint: String,
     pub(super) api_key: Option<String>,
     pub(super) api_key_env: Option<String>,
+    pub(super) auth: Option<entra::FileAuth>,
     pub(super) name: Option<String>,
     pub(super) priority: Option<u32>,
     pub(super) weight: Option<u32>,
@@ -208,6 +210,7 @@ impl FileInstance {
             endpoint,
             api_key: o.secret("api_key")?,
             api_key_env: o.string("api_key_env")?,
+            auth: o.object("auth", entra::FIELDS, entra::EXAMPLE)?.map(entra::FileAuth::read).transpose()?,
             name: o.string("name")?,
             priority: o.number("priority")?,
             weight: o.number("weight")?,
@@ -353,7 +356,7 @@ mod tests {
     fn api_key_env_reads_the_environment() {
         let text = r#"{"instances": [{"endpoint": "https://a.example", "api_key_env": "EAST_KEY"}]}"#;
         let c = parse(text, &[("EAST_KEY", "sekrit")]).expect("valid");
-        assert_eq!(c.instances[0].api_key.expose(), "sekrit");
+        assert_eq!(c.instances[0].credential, Credential::Key(Secret::new("sekrit")));
         let e = parse(text, &[]).expect_err("unset variable");
         assert!(e.message.contains("instances[0].api_key_env") && e.message.contains("EAST_KEY"), "{}", e.message);
     }

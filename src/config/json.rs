@@ -182,6 +182,24 @@ impl<'a> Object<'a> {
         Ok(Some(objects))
     }
 
+    /// One nested object, refusing fields not in `known`; its fields are named `name.field`.
+    pub(super) fn object(
+        &mut self,
+        name: &str,
+        known: &'static [&'static str],
+        example: &str,
+    ) -> Result<Option<Object<'a>>, ConfigError> {
+        let Some(v) = self.take(name) else { return Ok(None) };
+        if !v.is_object() {
+            return Err(self.error(
+                name,
+                format!("expected an object {{…}}, got {}", describe(&v, false)),
+                format!("write an object in braces, e.g. {example}"),
+            ));
+        }
+        Object::new(self.file, self.path(name), v, known).map(Some)
+    }
+
     /// A list whose entries are each a string or an object (refusing fields not in `known`), e.g. `client_keys`;
     /// they are named `name[i]`. A string entry counts as secret: its value is never quoted.
     pub(super) fn texts_or_objects(

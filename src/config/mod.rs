@@ -15,9 +15,11 @@ use std::time::Duration;
 use crate::client_ip::Cidr;
 
 pub use client_keys::{ClientKey, KeyDigest};
+pub use entra::{EntraAuth, EntraFlow, ManagedIdentityEndpoint};
 
 mod check;
 mod client_keys;
+mod entra;
 #[cfg(test)]
 mod error_tests;
 mod file;
@@ -112,7 +114,8 @@ pub struct Instance {
     pub name: String,
     /// `scheme://host[:port]` with no trailing slash; the client's path is appended unchanged.
     pub endpoint: String,
-    pub api_key: Secret,
+    /// How the proxy authenticates to the instance: its key, or an Entra ID token.
+    pub credential: Credential,
     /// Lower is tried first; a tier is left only when all its instances are cooling down or failed.
     pub priority: u32,
     /// Share of requests inside its tier (smooth weighted round-robin).
@@ -135,6 +138,15 @@ impl Instance {
             || self.upstream_response_timeout.is_some()
             || self.upstream_read_timeout.is_some()
     }
+}
+
+/// How the proxy authenticates to an instance.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Credential {
+    /// `api_key` / `api_key_env`, sent in `header_name`.
+    Key(Secret),
+    /// `auth`: an Entra ID token, sent as `Authorization: Bearer`.
+    Entra(EntraAuth),
 }
 
 /// How requests are spread and retried across instances.
@@ -318,7 +330,16 @@ impl Config {
 
     /// Every secret the proxy holds, for scrubbing text that came from outside before it is logged.
     pub fn secrets(&self) -> Vec<String> {
-        let upstream = self.instances.iter().map(|i| i.api_key.expose().to_string());
+        let upstream = self.instances.iter().filter_map(|i| match &i.credential {
+            Credential::Key(k) => Some(k.expose().to_string()),
+            Credential::Entra(auth) => match &auth.flow {
+                EntraFlow::ClientSecret { secret, .. } => Some(secret.expose().to_string()),
+                EntraFlow::ManagedIdentity { endpoint: ManagedIdentityEndpoint::AppService { header, .. }, .. } => {
+                    Some(header.expose().to_string())
+                }
+                _ => None,
+            },
+        });
         let clients = self.client_keys.iter().filter_map(|k| k.plain.as_ref()).map(|k| k.expose().to_string());
         upstream.chain(clients).collect()
     }
