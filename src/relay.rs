@@ -319,7 +319,10 @@ fn fallback(client: &mut ClientStream, ex: &Exchange, attempts: &[Attempt], pers
             let mut v = serde_json::json!({ "instance": a.instance, "elapsed_ms": a.elapsed.as_millis() as u64 });
             match &a.outcome {
                 Outcome::Status { status, .. } => v["status"] = (*status).into(),
-                Outcome::Failed { detail, .. } => v["error"] = detail.as_str().into(),
+                Outcome::Failed { kind, detail } => {
+                    v["error"] = detail.as_str().into();
+                    v["kind"] = kind.label().into();
+                }
             }
             v
         })

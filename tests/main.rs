@@ -10,6 +10,7 @@ mod basics;
 mod binary;
 mod clients;
 mod config_errors;
+mod entra;
 mod faults;
 mod front_end;
 mod lifecycle;

@@ -35,6 +35,19 @@ pub fn instances_for(mocks: &[&MockAzure]) -> Vec<serde_json::Value> {
 /// that leaves a request hanging does not wait 30 s when its proxy is dropped), and `extra` fields merged into
 /// the config object (they override the defaults here).
 pub fn start_with(instances: Vec<serde_json::Value>, extra: serde_json::Value) -> Proxy {
+    start_with_env(instances, extra, &NoEnv)
+}
+
+/// An environment of the given variables only.
+pub struct MapEnv(pub Vec<(String, String)>);
+impl Env for MapEnv {
+    fn var(&self, name: &str) -> Option<String> {
+        self.0.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone())
+    }
+}
+
+/// `start_with`, the configuration read with `env` as its environment.
+pub fn start_with_env(instances: Vec<serde_json::Value>, extra: serde_json::Value, env: &dyn Env) -> Proxy {
     let mut cfg = serde_json::json!({
         "instances": instances,
         "client_keys": ["client-key"],
@@ -47,7 +60,7 @@ pub fn start_with(instances: Vec<serde_json::Value>, extra: serde_json::Value) -
         }
     }
     let overrides = Overrides { listen: Some("127.0.0.1:0".into()), ..Default::default() };
-    let config = Config::from_json(&cfg.to_string(), Path::new("test-config.json"), &overrides, &NoEnv)
+    let config = Config::from_json(&cfg.to_string(), Path::new("test-config.json"), &overrides, env)
         .expect("test config is valid");
     let server = azure_proxy::start(config).expect("proxy starts");
     Proxy { addr: server.local_addr(), server }
