@@ -165,3 +165,30 @@ fn client_keys_are_listed_by_name_with_their_limits_and_never_shown() {
     // The variable a key_env names must be set; the error names it, not a value.
     fails_with(&["--config", &path], &[], &["field client_keys[1].key_env", "TEAM_B_KEY is not set"]);
 }
+
+#[test]
+fn check_config_says_which_variables_an_identity_reads_without_calling_anything() {
+    let text = r#"{"instances": [{"endpoint": "https://a.example", "name": "keyless",
+        "auth": {"type": "workload_identity", "authority_host": "http://127.0.0.1:9"}}]}"#;
+    let path = file("ce-entra.json", text);
+    let env = [
+        ("AZURE_TENANT_ID", "tenant-x"),
+        ("AZURE_CLIENT_ID", "client-x"),
+        ("AZURE_FEDERATED_TOKEN_FILE", "/var/run/secrets/azure/tokens/azure-identity-token"),
+    ];
+    let (code, out, err) = check(&["--config", &path], &env);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("    auth: workload_identity:client-x, scope https://cognitiveservices.azure.com/.default\n"),
+        "{out}"
+    );
+    for read in [
+        "tenant_id from AZURE_TENANT_ID",
+        "client_id from AZURE_CLIENT_ID",
+        "federated_token_file from AZURE_FEDERATED_TOKEN_FILE",
+    ] {
+        assert!(out.contains(&format!("    reads {read}\n")), "{read}: {out}");
+    }
+    // No token request is made (a failed one against port 9 would be logged).
+    assert!(!err.contains("Entra ID token"), "{err}");
+}

@@ -284,3 +284,84 @@ fn client_keys_of_every_form_load_with_their_names() {
     }
     assert!(!format!("{c:?}").contains("team-a-key"), "Debug shows no key");
 }
+
+#[test]
+fn entra_auth_settings_say_what_is_wrong_and_which_variable_is_missing() {
+    let auth = |a: &str, env: &[(&'static str, &'static str)]| {
+        let text = format!(r#"{{"instances": [{{"endpoint": "https://a.example", {a}}}]}}"#);
+        let env = MapEnv(env.iter().cloned().collect());
+        match Config::from_json(&text, Path::new("conf/azure.json"), &Overrides::default(), &env) {
+            Ok(c) => Ok(c),
+            Err(e) => {
+                assert!(e.message.contains("; fix: "), "no fix: {}", e.message);
+                assert!(!e.message.contains("s3cret"), "a secret shown: {}", e.message);
+                Err(e.message)
+            }
+        }
+    };
+    let m = auth(r#""api_key": "s3cret", "auth": {"type": "managed_identity"}"#, &[]).unwrap_err();
+    assert!(m.contains("field instances[0].auth: is given together with an instance key"), "{m}");
+    let m = auth(r#""auth": {"type": "certificate"}"#, &[]).unwrap_err();
+    assert!(m.contains("instances[0].auth.type: \"certificate\" is not an auth type"), "{m}");
+    let m = auth(r#""auth": {}"#, &[]).unwrap_err();
+    assert!(m.contains("instances[0].auth.type: is missing"), "{m}");
+    let m = auth(r#""auth": {"type": "workload_identity"}"#, &[]).unwrap_err();
+    assert!(m.contains("auth.tenant_id: is missing, and environment variable AZURE_TENANT_ID is not set"), "{m}");
+    let wi = [("AZURE_TENANT_ID", "t"), ("AZURE_CLIENT_ID", "c")];
+    let m = auth(r#""auth": {"type": "workload_identity"}"#, &wi).unwrap_err();
+    assert!(
+        m.contains("auth.federated_token_file: is missing, and environment variable AZURE_FEDERATED_TOKEN_FILE"),
+        "{m}"
+    );
+    let m = auth(r#""auth": {"type": "client_secret", "tenant_id": "t", "client_id": "c"}"#, &[]).unwrap_err();
+    assert!(m.contains("auth.client_secret_env: environment variable AZURE_CLIENT_SECRET is not set"), "{m}");
+    let m = auth(
+        r#""auth": {"type": "client_secret", "tenant_id": "t", "client_id": "c", "authority_host": "http://login.example"}"#,
+        &[("AZURE_CLIENT_SECRET", "s3cret")],
+    )
+    .unwrap_err();
+    assert!(m.contains("auth.authority_host: \"http://login.example\" is not an https:// URL"), "{m}");
+    let m = auth(r#""auth": {"type": "managed_identity", "tenant_id": "t"}"#, &[]).unwrap_err();
+    assert!(m.contains("auth.tenant_id: is not used by managed_identity"), "{m}");
+    let m = auth(r#""auth": {"type": "managed_identity", "client_id": "a/b"}"#, &[]).unwrap_err();
+    assert!(m.contains("auth.client_id: is not an ID"), "{m}");
+    let m = auth(r#""auth": {"type": "managed_identity", "scopes": "x"}"#, &[]).unwrap_err();
+    assert!(m.contains("auth.scopes: unknown field") && m.contains("did you mean \"scope\""), "{m}");
+
+    // Valid: the environment fills in what the file leaves out, the authority loses its trailing slash, and the
+    // client secret joins the secrets scrubbed from logs.
+    let env = [
+        ("AZURE_TENANT_ID", "tenant"),
+        ("AZURE_CLIENT_ID", "client"),
+        ("AZURE_CLIENT_SECRET", "s3cret-value"),
+        ("AZURE_AUTHORITY_HOST", "https://login.microsoftonline.us/"),
+    ];
+    let c = auth(r#""auth": {"type": "client_secret"}"#, &env).expect("valid");
+    let Credential::Entra(a) = &c.instances[0].credential else { panic!("not entra") };
+    match &a.flow {
+        EntraFlow::ClientSecret { authority, tenant_id, client_id, .. } => {
+            assert_eq!(
+                (authority.as_str(), tenant_id.as_str(), client_id.as_str()),
+                ("https://login.microsoftonline.us", "tenant", "client")
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(a.scope, "https://cognitiveservices.azure.com/.default");
+    assert!(c.secrets().iter().any(|s| s == "s3cret-value"));
+    assert!(!format!("{c:?}").contains("s3cret-value"), "Debug hides the client secret");
+    assert!(a.sources.iter().any(|s| s == "tenant_id from AZURE_TENANT_ID"), "{:?}", a.sources);
+    // Plain HTTP only on loopback (a local token server, tests).
+    let local = r#""auth": {"type": "client_secret", "tenant_id": "t", "client_id": "c", "authority_host": "http://127.0.0.1:9/"}"#;
+    assert!(auth(local, &[("AZURE_CLIENT_SECRET", "s3cret")]).is_ok());
+    let c = auth(r#""auth": {"type": "managed_identity"}"#, &[]).expect("valid");
+    let Credential::Entra(a) = &c.instances[0].credential else { panic!("not entra") };
+    assert_eq!(
+        a.flow,
+        EntraFlow::ManagedIdentity {
+            client_id: None,
+            endpoint: ManagedIdentityEndpoint::Imds { base: "http://169.254.169.254".into() }
+        }
+    );
+    assert_eq!(a.resource(), "https://cognitiveservices.azure.com");
+}
