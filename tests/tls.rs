@@ -141,6 +141,12 @@ fn tls_cert_without_key_is_a_config_error() {
 
 /// An HTTPS upstream with the localhost certificate signed by the private test CA; answers every request 200.
 fn private_ca_upstream() -> (SocketAddr, Arc<AtomicUsize>) {
+    private_ca_server(br#"{"ok":true}"#)
+}
+
+/// An HTTPS server with the localhost certificate signed by the private test CA; answers every request 200 with
+/// the JSON `body`.
+fn private_ca_server(body: &'static [u8]) -> (SocketAddr, Arc<AtomicUsize>) {
     let cert = CertificateDer::from_pem_file(fixture("localhost-cert.pem")).expect("cert");
     let key = PrivateKeyDer::from_pem_file(fixture("localhost-key.pem")).expect("key");
     let config = rustls::ServerConfig::builder_with_provider(provider())
@@ -183,7 +189,6 @@ fn private_ca_upstream() -> (SocketAddr, Arc<AtomicUsize>) {
                     }
                 }
                 count.fetch_add(1, Ordering::SeqCst);
-                let body = br#"{"ok":true}"#;
                 let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n", body.len());
                 let _ = tls.write_all(head.as_bytes());
                 let _ = tls.write_all(body);
@@ -265,4 +270,40 @@ fn egress_proxy_carries_upstream_traffic() {
     let direct = proxy::start(&[&m]);
     assert_eq!(call(direct.addr, "POST", CHAT, &[("api-key", "client-key")], b"{}").status, 200);
     assert_eq!(seen.lock().expect("log").len(), 1);
+}
+
+#[test]
+fn token_requests_use_ca_bundle_and_egress_proxy_and_the_metadata_service_is_never_proxied() {
+    let (authority, served) =
+        private_ca_server(br#"{"token_type":"Bearer","access_token":"tok-tls","expires_in":3600}"#);
+    let inst = MockAzure::start(|r: &crate::support::mock::Recorded| {
+        let ok = r.header("authorization") == Some("Bearer tok-tls");
+        crate::support::mock::Reply::json(if ok { 200 } else { 401 }, serde_json::json!({}))
+    });
+    let (egress, seen) = connect_proxy();
+    let auth = serde_json::json!({"type": "client_secret", "tenant_id": "t", "client_id": "c",
+                                  "authority_host": format!("https://localhost:{}", authority.port())});
+    let settings =
+        serde_json::json!({"ca_bundle": fixture("private-ca.pem"), "egress_proxy": format!("http://{egress}")});
+    let env = proxy::MapEnv(vec![("AZURE_CLIENT_SECRET".into(), "sp-s3cret".into())]);
+    let instance = serde_json::json!({"endpoint": inst.url(), "name": "kl", "auth": auth});
+    let p = proxy::start_with_env(vec![instance], settings.clone(), &env);
+    let r = call(p.addr, "POST", CHAT, &[("api-key", "client-key")], b"{}");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(served.load(Ordering::SeqCst), 1, "one token request, over TLS trusting the private CA");
+    let lines = seen.lock().expect("log").clone();
+    assert!(lines.contains(&format!("CONNECT localhost:{} HTTP/1.1", authority.port())), "{lines:?}");
+
+    // The metadata service is on the host: never through the egress proxy.
+    let imds = MockAzure::start(|_: &crate::support::mock::Recorded| {
+        crate::support::mock::Reply::json(200, serde_json::json!({"access_token": "tok-tls", "expires_in": "3600"}))
+    });
+    let env = proxy::MapEnv(vec![("AZURE_POD_IDENTITY_AUTHORITY_HOST".into(), imds.url())]);
+    let instance = serde_json::json!({"endpoint": inst.url(), "name": "kl", "auth": {"type": "managed_identity"}});
+    let p = proxy::start_with_env(vec![instance], settings, &env);
+    let r = call(p.addr, "POST", CHAT, &[("api-key", "client-key")], b"{}");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(imds.hits(), 1);
+    let lines = seen.lock().expect("log").clone();
+    assert!(!lines.iter().any(|l| l.contains(&imds.addr().port().to_string())), "{lines:?}");
 }
