@@ -10,6 +10,7 @@ use std::time::Instant;
 use crate::access_log;
 use crate::admin;
 use crate::client_ip;
+use crate::config::ClientKey;
 use crate::exchange::{respond_bytes, respond_error, Caller, Exchange, Relayed};
 use crate::guard::{self, Verdict};
 use crate::http::body::{self, BodyError};
@@ -181,20 +182,29 @@ fn admit<'s>(
         rejection::from_body_error(e, cfg.max_body_bytes)
     })?;
     let deployment = upstream::requested_deployment(head, &body);
+    within_key_limits(key, *caller, deployment.as_deref(), &body, rid)?;
+    Ok(Admitted::Proxy { body, deployment })
+}
+
+/// The client key's own limits, checked once the body is read: its `deployments` allowlist (403), then its rate
+/// limits (429; a request refused for its deployment takes nothing from them).
+fn within_key_limits(
+    key: Option<&ClientKey>,
+    caller: Caller,
+    deployment: Option<&str>,
+    body: &[u8],
+    rid: &str,
+) -> Result<(), Rejection> {
     if let Some(allowed) = key.and_then(|k| k.deployments.as_ref()) {
         // A request that names no deployment is let through only when it has no body (listing models, reading
         // a file): a body whose deployment cannot be read (a multipart upload) could name any.
-        let permitted = match &deployment {
+        let permitted = match deployment {
             Some(d) => allowed.contains(d),
             None => body.is_empty(),
         };
         if !permitted {
-            log::info!(
-                "{rid} client key {} may not use deployment {:?}",
-                caller.name,
-                deployment.as_deref().unwrap_or("-")
-            );
-            return Err(Some(Rejection::DeploymentNotAllowed { deployment }));
+            log::info!("{rid} client key {} may not use deployment {:?}", caller.name, deployment.unwrap_or("-"));
+            return Err(Rejection::DeploymentNotAllowed { deployment: deployment.map(str::to_string) });
         }
     }
     if let Some(quota) = caller.quota {
@@ -203,7 +213,7 @@ fn admit<'s>(
             Rejection::ClientLimit(limited)
         })?;
     }
-    Ok(Admitted::Proxy { body, deployment })
+    Ok(())
 }
 
 /// A request that waited in the queue longer than `queue_timeout` (every worker busy): 503 + `Retry-After`, and

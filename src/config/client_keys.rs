@@ -56,15 +56,18 @@ impl fmt::Debug for KeyDigest {
 /// An entry as written in the file.
 pub(super) enum FileClientKey {
     Plain(String),
-    Named {
-        name: Option<String>,
-        key: Option<String>,
-        key_env: Option<String>,
-        key_sha256: Option<String>,
-        deployments: Option<Vec<String>>,
-        requests_per_minute: Option<u32>,
-        tokens_per_minute: Option<u64>,
-    },
+    Named(NamedEntry),
+}
+
+/// An object entry as written in the file.
+pub(super) struct NamedEntry {
+    name: Option<String>,
+    key: Option<String>,
+    key_env: Option<String>,
+    key_sha256: Option<String>,
+    deployments: Option<Vec<String>>,
+    requests_per_minute: Option<u32>,
+    tokens_per_minute: Option<u64>,
 }
 
 /// Reads the `client_keys` field of the top-level object.
@@ -73,7 +76,7 @@ pub(super) fn read(o: &mut Object<'_>) -> Result<Option<Vec<FileClientKey>>, Con
     let entries = items.into_iter().map(|item| {
         Ok(match item {
             Item::Text(key) => FileClientKey::Plain(key),
-            Item::Object(mut e) => FileClientKey::Named {
+            Item::Object(mut e) => FileClientKey::Named(NamedEntry {
                 name: e.string("name")?,
                 key: e.secret("key")?,
                 key_env: e.string("key_env")?,
@@ -81,7 +84,7 @@ pub(super) fn read(o: &mut Object<'_>) -> Result<Option<Vec<FileClientKey>>, Con
                 deployments: e.strings("deployments")?,
                 requests_per_minute: e.number("requests_per_minute")?,
                 tokens_per_minute: e.number("tokens_per_minute")?,
-            },
+            }),
         })
     });
     entries.collect::<Result<_, _>>().map(Some)
@@ -97,105 +100,8 @@ pub(super) fn check(
     let mut keys: Vec<ClientKey> = Vec::with_capacity(entries.len());
     for (i, entry) in entries.iter().enumerate() {
         let at = |f: &str| if f.is_empty() { format!("client_keys[{i}]") } else { format!("client_keys[{i}].{f}") };
-        let default_name = format!("key-{}", i + 1);
-        let key = match entry {
-            FileClientKey::Plain(key) => {
-                if key.is_empty() {
-                    return Err(error(&at(""), "is an empty key", "remove it"));
-                }
-                ClientKey {
-                    name: default_name,
-                    digest: KeyDigest::of(key.as_bytes()),
-                    plain: Some(Secret::new(key.clone())),
-                    deployments: None,
-                    requests_per_minute: None,
-                    tokens_per_minute: None,
-                }
-            }
-            FileClientKey::Named {
-                name,
-                key,
-                key_env,
-                key_sha256,
-                deployments,
-                requests_per_minute,
-                tokens_per_minute,
-            } => {
-                let name = match name {
-                    Some(n) => check_name(n).map_err(|problem| {
-                        error(&at("name"), &problem, "use 1 to 64 letters, digits, '.', '_' or '-', e.g. \"team-a\"")
-                    })?,
-                    None => default_name,
-                };
-                let (digest, plain) = match (key, key_env, key_sha256) {
-                    (Some(k), None, None) if k.is_empty() => {
-                        return Err(error(&at("key"), "is an empty key", "give the key, or remove the entry"))
-                    }
-                    (Some(k), None, None) => (KeyDigest::of(k.as_bytes()), Some(Secret::new(k.clone()))),
-                    (None, Some(var), None) => {
-                        let k = env_key(var, env).map_err(|problem| {
-                            error(&at("key_env"), &problem, &format!("export {var} with the client's key"))
-                        })?;
-                        (KeyDigest::of(k.as_bytes()), Some(Secret::new(k)))
-                    }
-                    (None, None, Some(hex)) => (
-                        parse_digest(hex).ok_or_else(|| {
-                            error(
-                                &at("key_sha256"),
-                                "is not a SHA-256 digest (64 hexadecimal characters)",
-                                "compute it with: printf %s \"$KEY\" | sha256sum",
-                            )
-                        })?,
-                        None,
-                    ),
-                    (None, None, None) => {
-                        return Err(error(&at(""), "has no key", "give one of key, key_env or key_sha256"))
-                    }
-                    _ => {
-                        return Err(error(
-                            &at(""),
-                            "gives more than one of key, key_env and key_sha256",
-                            "keep only one of them",
-                        ))
-                    }
-                };
-                let deployments = match deployments {
-                    Some(list) if list.is_empty() => {
-                        return Err(error(
-                            &at("deployments"),
-                            "is empty: the key could use no deployment",
-                            "list the deployments the key may use, or remove the field to allow all",
-                        ))
-                    }
-                    Some(list) => match list.iter().position(|d| d.is_empty() || d.contains('/')) {
-                        Some(j) => {
-                            return Err(error(
-                                &format!("{}[{j}]", at("deployments")),
-                                "is not a deployment name",
-                                "write the deployment name as the client sends it, e.g. \"gpt-4o-mini\"",
-                            ))
-                        }
-                        None => Some(list.iter().cloned().collect()),
-                    },
-                    None => None,
-                };
-                let positive = "use 1 or more, or remove the field for no limit";
-                if *requests_per_minute == Some(0) {
-                    return Err(error(&at("requests_per_minute"), "must be greater than 0", positive));
-                }
-                if *tokens_per_minute == Some(0) {
-                    return Err(error(&at("tokens_per_minute"), "must be greater than 0", positive));
-                }
-                ClientKey {
-                    name,
-                    digest,
-                    plain,
-                    deployments,
-                    requests_per_minute: *requests_per_minute,
-                    tokens_per_minute: *tokens_per_minute,
-                }
-            }
-        };
+        let field_error = |f: &str, problem: &str, fix: &str| error(&at(f), problem, fix);
+        let key = check_entry(i, entry, env, &field_error)?;
         if let Some(j) = keys.iter().position(|k| k.name == key.name) {
             return Err(error(
                 &at("name"),
@@ -209,6 +115,105 @@ pub(super) fn check(
         keys.push(key);
     }
     Ok(keys)
+}
+
+/// Entry `i`; `error`'s field is relative to the entry (`""` for the entry itself).
+fn check_entry(
+    i: usize,
+    entry: &FileClientKey,
+    env: &dyn Env,
+    error: &dyn Fn(&str, &str, &str) -> ConfigError,
+) -> Result<ClientKey, ConfigError> {
+    let default_name = format!("key-{}", i + 1);
+    let e = match entry {
+        FileClientKey::Plain(key) if key.is_empty() => return Err(error("", "is an empty key", "remove it")),
+        FileClientKey::Plain(key) => {
+            return Ok(ClientKey {
+                name: default_name,
+                digest: KeyDigest::of(key.as_bytes()),
+                plain: Some(Secret::new(key.clone())),
+                deployments: None,
+                requests_per_minute: None,
+                tokens_per_minute: None,
+            })
+        }
+        FileClientKey::Named(e) => e,
+    };
+    let name = match &e.name {
+        Some(n) => check_name(n).map_err(|problem| {
+            error("name", &problem, "use 1 to 64 letters, digits, '.', '_' or '-', e.g. \"team-a\"")
+        })?,
+        None => default_name,
+    };
+    let (digest, plain) = key_of(e, env, error)?;
+    let positive = "use 1 or more, or remove the field for no limit";
+    if e.requests_per_minute == Some(0) {
+        return Err(error("requests_per_minute", "must be greater than 0", positive));
+    }
+    if e.tokens_per_minute == Some(0) {
+        return Err(error("tokens_per_minute", "must be greater than 0", positive));
+    }
+    Ok(ClientKey {
+        name,
+        digest,
+        plain,
+        deployments: allowed_deployments(e.deployments.as_deref(), error)?,
+        requests_per_minute: e.requests_per_minute,
+        tokens_per_minute: e.tokens_per_minute,
+    })
+}
+
+/// The key's digest, and the key itself unless only its digest was given.
+fn key_of(
+    e: &NamedEntry,
+    env: &dyn Env,
+    error: &dyn Fn(&str, &str, &str) -> ConfigError,
+) -> Result<(KeyDigest, Option<Secret>), ConfigError> {
+    match (&e.key, &e.key_env, &e.key_sha256) {
+        (Some(k), None, None) if k.is_empty() => {
+            Err(error("key", "is an empty key", "give the key, or remove the entry"))
+        }
+        (Some(k), None, None) => Ok((KeyDigest::of(k.as_bytes()), Some(Secret::new(k.clone())))),
+        (None, Some(var), None) => {
+            let k = env_key(var, env)
+                .map_err(|problem| error("key_env", &problem, &format!("export {var} with the client's key")))?;
+            Ok((KeyDigest::of(k.as_bytes()), Some(Secret::new(k))))
+        }
+        (None, None, Some(hex)) => {
+            let digest = parse_digest(hex).ok_or_else(|| {
+                error(
+                    "key_sha256",
+                    "is not a SHA-256 digest (64 hexadecimal characters)",
+                    "compute it with: printf %s \"$KEY\" | sha256sum",
+                )
+            })?;
+            Ok((digest, None))
+        }
+        (None, None, None) => Err(error("", "has no key", "give one of key, key_env or key_sha256")),
+        _ => Err(error("", "gives more than one of key, key_env and key_sha256", "keep only one of them")),
+    }
+}
+
+fn allowed_deployments(
+    list: Option<&[String]>,
+    error: &dyn Fn(&str, &str, &str) -> ConfigError,
+) -> Result<Option<BTreeSet<String>>, ConfigError> {
+    let Some(list) = list else { return Ok(None) };
+    if list.is_empty() {
+        return Err(error(
+            "deployments",
+            "is empty: the key could use no deployment",
+            "list the deployments the key may use, or remove the field to allow all",
+        ));
+    }
+    match list.iter().position(|d| d.is_empty() || d.contains('/')) {
+        Some(j) => Err(error(
+            &format!("deployments[{j}]"),
+            "is not a deployment name",
+            "write the deployment name as the client sends it, e.g. \"gpt-4o-mini\"",
+        )),
+        None => Ok(Some(list.iter().cloned().collect())),
+    }
 }
 
 fn check_name(name: &str) -> Result<String, String> {

@@ -127,86 +127,9 @@ pub(super) fn check(
     if scope.is_empty() || scope.contains(char::is_whitespace) || !scope.is_ascii() {
         return Err(error("scope", "is not a scope", &format!("use e.g. \"{DEFAULT_SCOPE}\", or remove it")));
     }
-    let kind = auth.kind.as_deref().unwrap_or_default();
-    let flow = match kind {
-        "managed_identity" => {
-            let endpoint = match (env.var("IDENTITY_ENDPOINT"), env.var("IDENTITY_HEADER")) {
-                (Some(url), Some(header)) if !url.trim().is_empty() => {
-                    sources.push("endpoint from IDENTITY_ENDPOINT, secret header from IDENTITY_HEADER".to_string());
-                    let url = url.trim().to_string();
-                    if !(url.starts_with("http://") || url.starts_with("https://")) {
-                        return Err(error(
-                            "type",
-                            "environment variable IDENTITY_ENDPOINT is not an http(s) URL",
-                            "unset it, or set it to the identity endpoint's URL",
-                        ));
-                    }
-                    ManagedIdentityEndpoint::AppService { url, header: Secret::new(header) }
-                }
-                _ => {
-                    let base = match env.var("AZURE_POD_IDENTITY_AUTHORITY_HOST").filter(|v| !v.trim().is_empty()) {
-                        Some(v) => {
-                            sources.push("metadata service from AZURE_POD_IDENTITY_AUTHORITY_HOST".to_string());
-                            v.trim().trim_end_matches('/').to_string()
-                        }
-                        None => DEFAULT_IMDS.to_string(),
-                    };
-                    if !base.starts_with("http://") && !base.starts_with("https://") {
-                        return Err(error(
-                            "type",
-                            "environment variable AZURE_POD_IDENTITY_AUTHORITY_HOST is not an http(s) URL",
-                            "set it to e.g. http://169.254.169.254, or unset it",
-                        ));
-                    }
-                    ManagedIdentityEndpoint::Imds { base }
-                }
-            };
-            for field in ["tenant_id", "client_secret_env", "authority_host", "federated_token_file"] {
-                if field_given(auth, field) {
-                    return Err(error(field, "is not used by managed_identity", "remove it"));
-                }
-            }
-            let client_id = auth.client_id.clone().filter(|c| !c.is_empty());
-            if client_id.as_deref().is_some_and(|c| !is_id(c)) {
-                return Err(error("client_id", "is not an ID", "use the identity's client ID (a GUID)"));
-            }
-            EntraFlow::ManagedIdentity { client_id, endpoint }
-        }
-        "workload_identity" | "client_secret" => {
-            let authority =
-                authority(auth, env, &mut sources).map_err(|(problem, fix)| error("authority_host", &problem, &fix))?;
-            let mut from_env = |file: &Option<String>, field: &str, var: &str| {
-                setting(file, field, var, env, &mut sources).map_err(|(problem, fix)| error(field, &problem, &fix))
-            };
-            let tenant_id = from_env(&auth.tenant_id, "tenant_id", "AZURE_TENANT_ID")?;
-            let client_id = from_env(&auth.client_id, "client_id", "AZURE_CLIENT_ID")?;
-            for (v, field) in [(&tenant_id, "tenant_id"), (&client_id, "client_id")] {
-                if !is_id(v) {
-                    return Err(error(field, "is not an ID", "use the GUID (or tenant domain) the Azure portal shows"));
-                }
-            }
-            if kind == "workload_identity" {
-                if auth.client_secret_env.is_some() {
-                    return Err(error("client_secret_env", "is not used by workload_identity", "remove it"));
-                }
-                let file = from_env(&auth.federated_token_file, "federated_token_file", "AZURE_FEDERATED_TOKEN_FILE")?;
-                EntraFlow::WorkloadIdentity { authority, tenant_id, client_id, token_file: PathBuf::from(file) }
-            } else {
-                if auth.federated_token_file.is_some() {
-                    return Err(error("federated_token_file", "is not used by client_secret", "remove it"));
-                }
-                let var = auth.client_secret_env.clone().unwrap_or_else(|| "AZURE_CLIENT_SECRET".to_string());
-                let secret = env.var(&var).filter(|v| !v.is_empty()).ok_or_else(|| {
-                    error(
-                        "client_secret_env",
-                        &format!("environment variable {var} is not set"),
-                        &format!("export {var} with the service principal's client secret"),
-                    )
-                })?;
-                sources.push(format!("client secret from {var}"));
-                EntraFlow::ClientSecret { authority, tenant_id, client_id, secret: Secret::new(secret) }
-            }
-        }
+    let flow = match auth.kind.as_deref().unwrap_or_default() {
+        "managed_identity" => managed_identity(auth, env, &mut sources, error)?,
+        kind @ ("workload_identity" | "client_secret") => tenant_flow(kind, auth, env, &mut sources, error)?,
         "" => {
             return Err(error(
                 "type",
@@ -223,6 +146,99 @@ pub(super) fn check(
         }
     };
     Ok(EntraAuth { flow, scope, sources })
+}
+
+/// `managed_identity`: App Service's identity endpoint when `IDENTITY_ENDPOINT` and `IDENTITY_HEADER` are set,
+/// else the metadata service.
+fn managed_identity(
+    auth: &FileAuth,
+    env: &dyn Env,
+    sources: &mut Vec<String>,
+    error: &dyn Fn(&str, &str, &str) -> ConfigError,
+) -> Result<EntraFlow, ConfigError> {
+    for field in ["tenant_id", "client_secret_env", "authority_host", "federated_token_file"] {
+        if field_given(auth, field) {
+            return Err(error(field, "is not used by managed_identity", "remove it"));
+        }
+    }
+    let is_url = |u: &str| u.starts_with("http://") || u.starts_with("https://");
+    let endpoint = match (env.var("IDENTITY_ENDPOINT"), env.var("IDENTITY_HEADER")) {
+        (Some(url), Some(header)) if !url.trim().is_empty() => {
+            sources.push("endpoint from IDENTITY_ENDPOINT, secret header from IDENTITY_HEADER".to_string());
+            let url = url.trim().to_string();
+            if !is_url(&url) {
+                return Err(error(
+                    "type",
+                    "environment variable IDENTITY_ENDPOINT is not an http(s) URL",
+                    "unset it, or set it to the identity endpoint's URL",
+                ));
+            }
+            ManagedIdentityEndpoint::AppService { url, header: Secret::new(header) }
+        }
+        _ => {
+            let base = match env.var("AZURE_POD_IDENTITY_AUTHORITY_HOST").filter(|v| !v.trim().is_empty()) {
+                Some(v) => {
+                    sources.push("metadata service from AZURE_POD_IDENTITY_AUTHORITY_HOST".to_string());
+                    v.trim().trim_end_matches('/').to_string()
+                }
+                None => DEFAULT_IMDS.to_string(),
+            };
+            if !is_url(&base) {
+                return Err(error(
+                    "type",
+                    "environment variable AZURE_POD_IDENTITY_AUTHORITY_HOST is not an http(s) URL",
+                    "set it to e.g. http://169.254.169.254, or unset it",
+                ));
+            }
+            ManagedIdentityEndpoint::Imds { base }
+        }
+    };
+    let client_id = auth.client_id.clone().filter(|c| !c.is_empty());
+    if client_id.as_deref().is_some_and(|c| !is_id(c)) {
+        return Err(error("client_id", "is not an ID", "use the identity's client ID (a GUID)"));
+    }
+    Ok(EntraFlow::ManagedIdentity { client_id, endpoint })
+}
+
+/// `workload_identity` and `client_secret`: a token from the tenant's authority.
+fn tenant_flow(
+    kind: &str,
+    auth: &FileAuth,
+    env: &dyn Env,
+    sources: &mut Vec<String>,
+    error: &dyn Fn(&str, &str, &str) -> ConfigError,
+) -> Result<EntraFlow, ConfigError> {
+    let authority = authority(auth, env, sources).map_err(|(problem, fix)| error("authority_host", &problem, &fix))?;
+    let mut from_env = |file: &Option<String>, field: &str, var: &str| {
+        setting(file, field, var, env, sources).map_err(|(problem, fix)| error(field, &problem, &fix))
+    };
+    let tenant_id = from_env(&auth.tenant_id, "tenant_id", "AZURE_TENANT_ID")?;
+    let client_id = from_env(&auth.client_id, "client_id", "AZURE_CLIENT_ID")?;
+    for (v, field) in [(&tenant_id, "tenant_id"), (&client_id, "client_id")] {
+        if !is_id(v) {
+            return Err(error(field, "is not an ID", "use the GUID (or tenant domain) the Azure portal shows"));
+        }
+    }
+    if kind == "workload_identity" {
+        if auth.client_secret_env.is_some() {
+            return Err(error("client_secret_env", "is not used by workload_identity", "remove it"));
+        }
+        let file = from_env(&auth.federated_token_file, "federated_token_file", "AZURE_FEDERATED_TOKEN_FILE")?;
+        return Ok(EntraFlow::WorkloadIdentity { authority, tenant_id, client_id, token_file: PathBuf::from(file) });
+    }
+    if auth.federated_token_file.is_some() {
+        return Err(error("federated_token_file", "is not used by client_secret", "remove it"));
+    }
+    let var = auth.client_secret_env.clone().unwrap_or_else(|| "AZURE_CLIENT_SECRET".to_string());
+    let secret = env.var(&var).filter(|v| !v.is_empty()).ok_or_else(|| {
+        error(
+            "client_secret_env",
+            &format!("environment variable {var} is not set"),
+            &format!("export {var} with the service principal's client secret"),
+        )
+    })?;
+    sources.push(format!("client secret from {var}"));
+    Ok(EntraFlow::ClientSecret { authority, tenant_id, client_id, secret: Secret::new(secret) })
 }
 
 /// A setting from the file, else from the environment variable azure-identity reads (noted in `sources`).
