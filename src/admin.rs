@@ -56,7 +56,9 @@ fn scrape(state: &State) -> String {
         blocked_clients: state.guard.blocked_clients(),
         instances: state.balancer.snapshot().into_iter().map(|(n, why)| (n, why.is_none())).collect(),
     };
-    m.render(&gauges)
+    let mut text = m.render(&gauges);
+    state.agents.dns.metrics().render(&mut text);
+    text
 }
 
 /// 200 while at least one instance can take a request now, else 503 with each instance's state.
