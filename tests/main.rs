@@ -9,6 +9,7 @@ mod auth;
 mod basics;
 mod binary;
 mod config_errors;
+mod dns;
 mod faults;
 mod front_end;
 mod lifecycle;
