@@ -109,6 +109,12 @@ impl DnsCache {
         &self.shared.metrics
     }
 
+    /// Whether `self` and `other` are clones of one cache.
+    #[cfg(test)]
+    pub fn same_cache(&self, other: &DnsCache) -> bool {
+        Arc::ptr_eq(&self.shared, &other.shared)
+    }
+
     /// The addresses of `host`, in the resolver's order: at once from the cache if known (queueing a refresh
     /// if they are due one), else from a lookup made now.
     pub fn addresses(&self, host: &str, port: u16) -> io::Result<Arc<[SocketAddr]>> {

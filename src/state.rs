@@ -252,7 +252,7 @@ fn build_agent(config: &Config, output_bytes: usize, dns: &DnsCache) -> Agent {
         Some(certs) => RootCerts::new_with_certs(certs),
         None => RootCerts::WebPki,
     };
-    let config = Agent::config_builder()
+    let agent_config = Agent::config_builder()
         .tls_config(TlsConfig::builder().root_certs(roots).build())
         .http_status_as_error(false)
         .max_redirects(0)
@@ -276,5 +276,32 @@ fn build_agent(config: &Config, output_bytes: usize, dns: &DnsCache) -> Agent {
         .max_idle_connections(idle_per_host * config.instances.len())
         .max_idle_connections_per_host(idle_per_host)
         .build();
-    Agent::with_parts(config, RefreshOnFailure::new(dns.clone()), dns.clone())
+    Agent::with_parts(agent_config, RefreshOnFailure::new(dns.clone()), dns.clone())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Env, Overrides};
+
+    struct NoEnv;
+    impl Env for NoEnv {
+        fn var(&self, _: &str) -> Option<String> {
+            None
+        }
+    }
+
+    fn config(extra: &str) -> Config {
+        let text = format!(r#"{{"instances": [{{"endpoint": "https://a.example", "api_key": "k"}}]{extra}}}"#);
+        Config::from_json(&text, std::path::Path::new("t.json"), &Overrides::default(), &NoEnv).expect("valid")
+    }
+
+    #[test]
+    fn a_reload_keeps_the_address_cache_even_when_the_agents_are_rebuilt() {
+        let first = State::new(config("")).expect("state");
+        let same = State::reloaded(config(r#", "dns_refresh_ms": 5"#), &first).expect("reloaded");
+        let rebuilt = State::reloaded(config(r#", "connect_timeout_ms": 5"#), &same).expect("reloaded");
+        assert!(first.agents.dns.same_cache(&same.agents.dns));
+        assert!(first.agents.dns.same_cache(&rebuilt.agents.dns));
+    }
 }

@@ -1,8 +1,7 @@
 //! The one step that applies the environment and the command line over the file: `--listen`/`AZURE_PROXY_LISTEN`,
 //! `--workers`/`AZURE_PROXY_WORKERS`, `AZURE_PROXY_DNS_REFRESH_MS`, `ERROR_BODY_MAX_BYTES`, `MAX_BAD_KEYS`,
-//! `BLOCK_SECONDS`, plus `LOG_FORMAT`
-//! and `RUST_LOG`, which exist only in the environment. Each value is checked where it is picked, so an error
-//! names the flag or the variable it came from, not the file.
+//! `BLOCK_SECONDS`, plus `LOG_FORMAT` and `RUST_LOG`, which exist only in the environment. Each value is checked
+//! where it is picked, so an error names the flag or the variable it came from, not the file.
 
 use std::net::SocketAddr;
 use std::path::Path;
