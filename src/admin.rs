@@ -57,6 +57,7 @@ fn scrape(state: &State) -> String {
         instances: state.balancer.snapshot().into_iter().map(|(n, why)| (n, why.is_none())).collect(),
     };
     let mut text = m.render(&gauges);
+    state.agents.dns.metrics().render(&mut text);
     state.tokens.render(&mut text);
     text
 }

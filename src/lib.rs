@@ -38,6 +38,7 @@ pub(crate) mod redact;
 pub(crate) mod rejection;
 pub(crate) mod relay;
 pub(crate) mod request_id;
+pub(crate) mod resolve;
 pub(crate) mod serve;
 pub(crate) mod server;
 #[doc(hidden)] // public for the fuzz targets only

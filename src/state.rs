@@ -16,6 +16,7 @@ use crate::guard::Guard;
 use crate::metrics::Metrics;
 use crate::quota::Quotas;
 use crate::redact::Secrets;
+use crate::resolve::{DnsCache, RefreshOnFailure};
 
 pub struct State {
     pub config: Config,
@@ -69,9 +70,16 @@ impl State {
         }
         let tokens = Tokens::new(&config, previous.map(|p| &p.tokens));
         let secrets = Secrets::new(config.secrets());
+        // The address cache outlives agents: a reload that rebuilds them must not look every host up again (and
+        // fail every request if DNS is down at that moment).
+        let dns = match previous {
+            Some(p) => p.agents.dns.clone(),
+            None => DnsCache::new(config.dns_refresh),
+        };
+        dns.set_refresh(config.dns_refresh);
         let agents = match previous {
             Some(p) if agent_settings(&p.config) == agent_settings(&config) => p.agents.clone(),
-            _ => Agents::new(&config),
+            _ => Agents::new(&config, dns),
         };
         let balancer = match previous {
             Some(p) => Balancer::carry_over(&config.instances, &config.routing, &p.balancer),
@@ -218,17 +226,20 @@ pub const SMALL_OUTPUT_BYTES: usize = 4 * 1024;
 /// it for the connection's life, and it must hold the whole request head: sized for `max_head_bytes` (32 KiB) it
 /// was the largest part of every open stream's memory, while real heads are around 1 KiB. So requests whose head
 /// fits `SMALL_OUTPUT_BYTES` (all but odd ones) use `small`, the others `large`, each with its own pool.
+/// Both resolve upstream hosts through one `DnsCache`.
 #[derive(Clone)]
 pub struct Agents {
     pub small: Agent,
     pub large: Agent,
+    pub dns: DnsCache,
 }
 
 impl Agents {
-    fn new(config: &Config) -> Agents {
+    fn new(config: &Config, dns: DnsCache) -> Agents {
         Agents {
-            small: build_agent(config, SMALL_OUTPUT_BYTES),
-            large: build_agent(config, SMALL_OUTPUT_BYTES.max(config.max_head_bytes + 1024)),
+            small: build_agent(config, SMALL_OUTPUT_BYTES, &dns),
+            large: build_agent(config, SMALL_OUTPUT_BYTES.max(config.max_head_bytes + 1024), &dns),
+            dns,
         }
     }
 
@@ -245,8 +256,9 @@ impl Agents {
 
 /// An upstream client set up as a proxy needs it: statuses are answers, not errors; redirects go back to the
 /// client; no environment proxy; nothing added to the client's headers; connect, response-head and per-read
-/// timeouts only, because a whole-body timeout would cut long streams.
-fn build_agent(config: &Config, output_bytes: usize) -> Agent {
+/// timeouts only, because a whole-body timeout would cut long streams. Host names are resolved through `dns`
+/// (cached, see `resolve`); connections are made by ureq's default connector chain.
+fn build_agent(config: &Config, output_bytes: usize, dns: &DnsCache) -> Agent {
     let idle_per_host = config.upstream_idle_per_instance;
     let proxy = match &config.egress_proxy {
         EgressProxy::Direct => None,
@@ -257,7 +269,7 @@ fn build_agent(config: &Config, output_bytes: usize) -> Agent {
         Some(certs) => RootCerts::new_with_certs(certs),
         None => RootCerts::WebPki,
     };
-    Agent::config_builder()
+    let agent_config = Agent::config_builder()
         .tls_config(TlsConfig::builder().root_certs(roots).build())
         .http_status_as_error(false)
         .max_redirects(0)
@@ -268,9 +280,11 @@ fn build_agent(config: &Config, output_bytes: usize) -> Agent {
         .proxy(proxy)
         .no_delay(true)
         .timeout_connect(Some(config.connect_timeout))
-        // No timeout_resolve: ureq then runs every lookup on a new thread, for every request (measured: one
-        // clone3 per request, throughput down 60 %). Lookups are bounded by the resolver (resolv.conf timeout and
-        // attempts) instead, and the connect timeout starts after them.
+        // No timeout_resolve: ureq's own resolver would run every lookup on a new thread (measured: one clone3
+        // per request, throughput down 60 %), and ours does not use it. `DnsCache` bounds lookups instead: a
+        // request waits only for the first lookup of a host (bounded by resolv.conf's timeout and attempts; the
+        // connect timeout starts after it), later ones run on its two refresh threads while the cached addresses
+        // are used.
         .timeout_recv_response(Some(config.upstream_response_timeout))
         .timeout_per_read(Some(config.upstream_read_timeout))
         // 128 KiB each by default, per upstream connection: 256 open streams held 84 MiB (see `Agents`).
@@ -278,6 +292,33 @@ fn build_agent(config: &Config, output_bytes: usize) -> Agent {
         .output_buffer_size(output_bytes)
         .max_idle_connections(idle_per_host * config.instances.len())
         .max_idle_connections_per_host(idle_per_host)
-        .build()
-        .into()
+        .build();
+    Agent::with_parts(agent_config, RefreshOnFailure::new(dns.clone()), dns.clone())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Env, Overrides};
+
+    struct NoEnv;
+    impl Env for NoEnv {
+        fn var(&self, _: &str) -> Option<String> {
+            None
+        }
+    }
+
+    fn config(extra: &str) -> Config {
+        let text = format!(r#"{{"instances": [{{"endpoint": "https://a.example", "api_key": "k"}}]{extra}}}"#);
+        Config::from_json(&text, std::path::Path::new("t.json"), &Overrides::default(), &NoEnv).expect("valid")
+    }
+
+    #[test]
+    fn a_reload_keeps_the_address_cache_even_when_the_agents_are_rebuilt() {
+        let first = State::new(config("")).expect("state");
+        let same = State::reloaded(config(r#", "dns_refresh_ms": 5"#), &first).expect("reloaded");
+        let rebuilt = State::reloaded(config(r#", "connect_timeout_ms": 5"#), &same).expect("reloaded");
+        assert!(first.agents.dns.same_cache(&same.agents.dns));
+        assert!(first.agents.dns.same_cache(&rebuilt.agents.dns));
+    }
 }

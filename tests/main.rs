@@ -10,6 +10,7 @@ mod basics;
 mod binary;
 mod clients;
 mod config_errors;
+mod dns;
 mod entra;
 mod faults;
 mod front_end;

@@ -75,6 +75,8 @@ fn bad_values_in_the_file_name_the_field_and_the_fix() {
     assert!(m.contains("0.0.0.0:8000"), "{m}");
     let m = file_error(r#", "workers": 0"#);
     assert!(m.contains("field workers: must be at least 1"), "{m}");
+    let m = file_error(r#", "dns_refresh_ms": 0"#);
+    assert!(m.contains("field dns_refresh_ms: must be at least 1, got 0") && m.contains("always cached"), "{m}");
     let m = file_error(r#", "admin_endpoints": ["healthz", "status"]"#);
     assert!(m.contains("field admin_endpoints[1]: \"status\"") && m.contains("healthz, readyz, metrics"), "{m}");
     let m = file_error(r#", "egress_proxy": "ftp://user:s3cret@proxy""#);
@@ -90,6 +92,8 @@ fn environment_overrides_are_blamed_on_the_variable() {
         ("ERROR_BODY_MAX_BYTES", "2k"),
         ("MAX_BAD_KEYS", "-1"),
         ("BLOCK_SECONDS", "1.5"),
+        ("AZURE_PROXY_DNS_REFRESH_MS", "0"),
+        ("AZURE_PROXY_DNS_REFRESH_MS", "soon"),
         ("LOG_FORMAT", "xml"),
         ("RUST_LOG", "verbose"),
     ] {

@@ -33,6 +33,7 @@ const FILE_FIELDS: &[&str] = &[
     "client_write_timeout_ms",
     "keepalive_linger_ms",
     "connect_timeout_ms",
+    "dns_refresh_ms",
     "upstream_response_timeout_ms",
     "upstream_read_timeout_ms",
     "error_body_max_bytes",
@@ -98,6 +99,7 @@ pub(super) struct FileConfig {
     pub(super) client_write_timeout_ms: Option<u64>,
     pub(super) keepalive_linger_ms: Option<u64>,
     pub(super) connect_timeout_ms: Option<u64>,
+    pub(super) dns_refresh_ms: Option<u64>,
     pub(super) upstream_response_timeout_ms: Option<u64>,
     pub(super) upstream_read_timeout_ms: Option<u64>,
     pub(super) error_body_max_bytes: Option<usize>,
@@ -171,6 +173,7 @@ impl FileConfig {
             client_write_timeout_ms: o.number("client_write_timeout_ms")?,
             keepalive_linger_ms: o.number("keepalive_linger_ms")?,
             connect_timeout_ms: o.number("connect_timeout_ms")?,
+            dns_refresh_ms: o.number("dns_refresh_ms")?,
             upstream_response_timeout_ms: o.number("upstream_response_timeout_ms")?,
             upstream_read_timeout_ms: o.number("upstream_read_timeout_ms")?,
             error_body_max_bytes: o.number("error_body_max_bytes")?,
@@ -263,6 +266,7 @@ impl Config {
             )?,
             keepalive_linger: Duration::from_millis(raw.keepalive_linger_ms.unwrap_or(DEFAULT_KEEPALIVE_LINGER_MS)),
             connect_timeout: ms(raw.connect_timeout_ms, DEFAULT_CONNECT_TIMEOUT_MS, "connect_timeout_ms")?,
+            dns_refresh: set.dns_refresh,
             upstream_response_timeout: ms(
                 raw.upstream_response_timeout_ms,
                 DEFAULT_UPSTREAM_RESPONSE_TIMEOUT_MS,
@@ -324,6 +328,15 @@ mod tests {
         assert_eq!(c.block_duration, Duration::from_secs(300));
         assert_eq!(c.error_body_max_bytes, 2048);
         assert_eq!(c.max_body_bytes, 32 * 1024 * 1024);
+        assert_eq!(c.dns_refresh, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn dns_refresh_from_the_file_then_the_environment() {
+        let text = ORIGINAL.replacen('{', r#"{"dns_refresh_ms": 5000, "#, 1);
+        assert_eq!(parse(&text, &[]).expect("valid").dns_refresh, Duration::from_secs(5));
+        let c = parse(&text, &[("AZURE_PROXY_DNS_REFRESH_MS", "250")]).expect("valid");
+        assert_eq!(c.dns_refresh, Duration::from_millis(250));
     }
 
     #[test]

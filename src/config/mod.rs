@@ -61,6 +61,9 @@ pub const DEFAULT_CLIENT_WRITE_TIMEOUT_MS: u64 = 30_000;
 /// thread. Short: it only catches clients that send back-to-back (load generators, batch jobs, pooled SDKs).
 pub const DEFAULT_KEEPALIVE_LINGER_MS: u64 = 2;
 pub const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 10_000;
+/// How old an upstream host's addresses may get before they are looked up again, in the background (`getaddrinfo`
+/// gives no TTL; Azure's records have TTLs of minutes). A request never waits for a refresh.
+pub const DEFAULT_DNS_REFRESH_MS: u64 = 30_000;
 /// A non-streamed completion sends its head only when the whole answer is generated: minutes, not seconds.
 pub const DEFAULT_UPSTREAM_RESPONSE_TIMEOUT_MS: u64 = 300_000;
 /// The longest silence allowed between two reads from an upstream (an SSE stream's gap between events). ureq
@@ -209,6 +212,8 @@ pub struct Config {
     /// `DEFAULT_KEEPALIVE_LINGER_MS`). It never waits while other requests are queued.
     pub keepalive_linger: Duration,
     pub connect_timeout: Duration,
+    /// Age after which an upstream host's cached addresses are refreshed in the background (see `resolve`).
+    pub dns_refresh: Duration,
     pub upstream_response_timeout: Duration,
     pub upstream_read_timeout: Duration,
     pub error_body_max_bytes: usize,

@@ -1,7 +1,7 @@
 //! The one step that applies the environment and the command line over the file: `--listen`/`AZURE_PROXY_LISTEN`,
-//! `--workers`/`AZURE_PROXY_WORKERS`, `ERROR_BODY_MAX_BYTES`, `MAX_BAD_KEYS`, `BLOCK_SECONDS`, plus `LOG_FORMAT`
-//! and `RUST_LOG`, which exist only in the environment. Each value is checked where it is picked, so an error
-//! names the flag or the variable it came from, not the file.
+//! `--workers`/`AZURE_PROXY_WORKERS`, `AZURE_PROXY_DNS_REFRESH_MS`, `ERROR_BODY_MAX_BYTES`, `MAX_BAD_KEYS`,
+//! `BLOCK_SECONDS`, plus `LOG_FORMAT` and `RUST_LOG`, which exist only in the environment. Each value is checked
+//! where it is picked, so an error names the flag or the variable it came from, not the file.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -32,6 +32,7 @@ impl Origin {
 pub(super) struct Overlaid {
     pub listen: SocketAddr,
     pub workers: usize,
+    pub dns_refresh: Duration,
     pub error_body_max_bytes: usize,
     pub max_bad_keys: u32,
     pub block_duration: Duration,
@@ -67,9 +68,21 @@ pub(super) fn apply(raw: &FileConfig, file: &Path, o: &Overrides, env: &dyn Env)
     let from_env = |var: &'static str| -> Result<Option<u64>, ConfigError> {
         given(None, var, env).map(|(text, origin)| number::<u64>(&text, origin, file)).transpose()
     };
+    let dns_refresh = match from_env("AZURE_PROXY_DNS_REFRESH_MS")? {
+        Some(n) => (n, Origin::Env("AZURE_PROXY_DNS_REFRESH_MS")),
+        None => (raw.dns_refresh_ms.unwrap_or(DEFAULT_DNS_REFRESH_MS), Origin::File("dns_refresh_ms")),
+    };
+    if dns_refresh.0 == 0 {
+        let fix = format!(
+            "use a number of milliseconds of 1 or more (the default is {DEFAULT_DNS_REFRESH_MS}); addresses are always \
+             cached, and a short interval only refreshes them more often, in the background"
+        );
+        return Err(dns_refresh.1.error(file, "must be at least 1, got 0", fix));
+    }
     Ok(Overlaid {
         listen,
         workers: workers.0,
+        dns_refresh: Duration::from_millis(dns_refresh.0),
         error_body_max_bytes: match from_env("ERROR_BODY_MAX_BYTES")? {
             Some(n) => usize::try_from(n).unwrap_or(usize::MAX),
             None => raw.error_body_max_bytes.unwrap_or(DEFAULT_ERROR_BODY_MAX_BYTES),

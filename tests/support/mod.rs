@@ -1,10 +1,11 @@
 //! Shared test support: `mock` (scriptable Azure instances), `proxy` (an in-process proxy on port 0 and a
-//! raw HTTP/1.1 client that shows exactly what went over the wire).
+//! raw HTTP/1.1 client that shows exactly what went over the wire), `dns` (a DNS server for name lookups).
 #![allow(dead_code)]
 
 use std::time::{Duration, Instant};
 
 pub mod client;
+pub mod dns;
 pub mod mock;
 pub mod process;
 pub mod proxy;

@@ -26,7 +26,20 @@ pub struct Running {
 
 impl Running {
     pub fn start(config: &std::path::Path, env: &[(&str, &str)]) -> Running {
-        let mut cmd = Command::new(BIN);
+        Running::start_via(&[], config, env)
+    }
+
+    /// Like `start`, with the binary run by `launcher` (a program and its arguments, the binary's path and
+    /// arguments appended), e.g. `unshare` and a shell that sets up a mount namespace, then `exec "$@"`.
+    pub fn start_via(launcher: &[&str], config: &std::path::Path, env: &[(&str, &str)]) -> Running {
+        let mut cmd = match launcher.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(BIN);
+                c
+            }
+            None => Command::new(BIN),
+        };
         cmd.args(["--config", config.to_str().expect("utf-8 path"), "--listen", "127.0.0.1:0", "--workers", "4"])
             .env_remove("AZURE_PROXY_CONFIG")
             .env_remove("RUST_LOG")
