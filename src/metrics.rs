@@ -129,9 +129,8 @@ impl Metrics {
         counts[1] += usage.completion;
     }
 
-    pub fn render(&self, g: &Gauges) -> String {
-        let mut out = String::with_capacity(4096);
-        counter_header(&mut out, "azure_proxy_requests_total", "Requests answered, by route class and status.");
+    fn render_requests(&self, out: &mut String) {
+        counter_header(out, "azure_proxy_requests_total", "Requests answered, by route class, status and client key.");
         let requests = self.requests.lock().unwrap_or_else(|p| p.into_inner());
         for (client, per_client) in requests.iter() {
             let c = escape(client);
@@ -142,7 +141,24 @@ impl Metrics {
                 );
             }
         }
-        drop(requests);
+    }
+
+    fn render_tokens(&self, out: &mut String) {
+        counter_header(out, "azure_proxy_tokens_total", "Tokens reported in the usage of relayed responses.");
+        for ((instance, deployment, client), counts) in self.tokens.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            let (i, d, c) = (escape(instance), escape(deployment), escape(client));
+            for (kind, n) in [("prompt", counts[0]), ("completion", counts[1])] {
+                let _ = writeln!(
+                    out,
+                    "azure_proxy_tokens_total{{instance=\"{i}\",deployment=\"{d}\",client=\"{c}\",kind=\"{kind}\"}} {n}"
+                );
+            }
+        }
+    }
+
+    pub fn render(&self, g: &Gauges) -> String {
+        let mut out = String::with_capacity(4096);
+        self.render_requests(&mut out);
         counter_header(&mut out, "azure_proxy_upstream_attempts_total", "Upstream attempts, by instance and outcome.");
         let attempts = self.attempts.lock().unwrap_or_else(|p| p.into_inner());
         for (instance, outcome, n) in attempts.iter().flat_map(|(i, m)| m.iter().map(move |(o, n)| (i, o, n))) {
@@ -162,16 +178,7 @@ impl Metrics {
             "Connections answered 503 at once (queue full, connection or fd limit).",
             &self.shed,
         );
-        counter_header(&mut out, "azure_proxy_tokens_total", "Tokens reported in the usage of relayed responses.");
-        for ((instance, deployment, client), counts) in self.tokens.lock().unwrap_or_else(|p| p.into_inner()).iter() {
-            let (i, d, c) = (escape(instance), escape(deployment), escape(client));
-            for (kind, n) in [("prompt", counts[0]), ("completion", counts[1])] {
-                let _ = writeln!(
-                    out,
-                    "azure_proxy_tokens_total{{instance=\"{i}\",deployment=\"{d}\",client=\"{c}\",kind=\"{kind}\"}} {n}"
-                );
-            }
-        }
+        self.render_tokens(&mut out);
         self.request_seconds.render(
             &mut out,
             "azure_proxy_request_duration_seconds",
