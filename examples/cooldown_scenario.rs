@@ -55,22 +55,20 @@ fn throttled(count: Arc<AtomicUsize>) -> MockAzure {
     })
 }
 
-fn proxy(mocks: &[&MockAzure], extra: serde_json::Value) -> SocketAddr {
+/// A proxy in front of `mocks`; it stops (and its threads end) when the returned server is dropped.
+fn proxy(mocks: &[&MockAzure], extra: serde_json::Value) -> azure_proxy::Server {
     let instances: Vec<serde_json::Value> = mocks
         .iter()
         .enumerate()
         .map(|(i, m)| serde_json::json!({"endpoint": m.url(), "api_key": format!("k{i}"), "name": format!("m{i}")}))
         .collect();
-    let mut cfg = serde_json::json!({"instances": instances, "client_keys": ["ck"], "workers": 16});
+    let mut cfg = serde_json::json!({"instances": instances, "client_keys": ["ck"], "workers": 16, "drain_seconds": 1});
     for (k, v) in extra.as_object().expect("object") {
         cfg[k] = v.clone();
     }
     let o = Overrides { listen: Some("127.0.0.1:0".into()), ..Default::default() };
     let config = Config::from_json(&cfg.to_string(), Path::new("scenario.json"), &o, &NoEnv).expect("config");
-    let server = azure_proxy::start(config).expect("start");
-    let addr = server.local_addr();
-    std::mem::forget(server);
-    addr
+    azure_proxy::start(config).expect("start")
 }
 
 /// One request on its own connection; returns the status.
@@ -99,7 +97,8 @@ struct Outcome {
 fn run(name: &str, extra: serde_json::Value) -> Outcome {
     let answered_429 = Arc::new(AtomicUsize::new(0));
     let (a, b, c) = (throttled(Arc::clone(&answered_429)), healthy(), healthy());
-    let addr = proxy(&[&a, &b, &c], extra);
+    let server = proxy(&[&a, &b, &c], extra);
+    let addr = server.local_addr();
     let next = Arc::new(AtomicUsize::new(0));
     let results = Arc::new(Mutex::new(Vec::new()));
     let started = Instant::now();
