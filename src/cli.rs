@@ -1,6 +1,7 @@
 //! The command line: `azure-proxy [--config PATH] [--listen ADDR] [--workers N] [--check-config] [--help]
 //! [--version]`. Flags override the environment, which overrides the file (see `config`).
 
+use crate::error::Error;
 use std::path::PathBuf;
 
 use crate::config::Overrides;
@@ -34,7 +35,7 @@ pub enum Command {
 }
 
 /// Parses the arguments after the program name. Accepts `--flag value` and `--flag=value`.
-pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Command, String> {
+pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Command, Error> {
     let mut overrides = Overrides::default();
     let mut check = false;
     let mut args = args.into_iter();
@@ -44,7 +45,10 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Command, String> 
             _ => (arg.clone(), None),
         };
         let mut value = |name: &str| {
-            inline.clone().or_else(|| args.next()).ok_or_else(|| format!("{name} needs a value (see --help)"))
+            inline
+                .clone()
+                .or_else(|| args.next())
+                .ok_or_else(|| Error::Usage(format!("{name} needs a value (see --help)")))
         };
         match flag.as_str() {
             "-h" | "--help" => return Ok(Command::Help),
@@ -54,7 +58,7 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Command, String> 
             "--listen" => overrides.listen = Some(value("--listen")?),
             // Checked with the rest of the configuration (config::overlay), so that the error names the flag.
             "--workers" => overrides.workers = Some(value("--workers")?),
-            other => return Err(format!("unknown argument {other:?} (see --help)")),
+            other => return Err(Error::Usage(format!("unknown argument {other:?} (see --help)"))),
         }
     }
     Ok(if check { Command::CheckConfig(overrides) } else { Command::Run(overrides) })
@@ -64,7 +68,7 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Command, String> 
 mod tests {
     use super::*;
 
-    fn p(args: &[&str]) -> Result<Command, String> {
+    fn p(args: &[&str]) -> Result<Command, Error> {
         parse(args.iter().map(|s| s.to_string()))
     }
 

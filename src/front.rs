@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 
 use crate::config::{Config, Overrides, ProcessEnv};
+use crate::error::Error;
 use crate::exchange::respond_error;
 use crate::http::parse::{parse_head, HeadError};
 use crate::http::write::Persist;
@@ -176,7 +177,7 @@ impl Front {
             log::warn!("SIGHUP ignored: this proxy was not started from a configuration file");
             return;
         };
-        let result = Config::load(from, &ProcessEnv).map_err(|e| e.to_string()).and_then(|c| self.shared.reload(c));
+        let result = Config::load(from, &ProcessEnv).map_err(Error::from).and_then(|c| self.shared.reload(c));
         match result {
             Ok(()) => {
                 let n = self.shared.state().config.instances.len();

@@ -14,7 +14,7 @@
 //! 4. `serve` logs the access line and gives a keep-alive connection back to `front`.
 #![deny(unsafe_code)]
 
-// The library's surface is `start`, `start_from_file`, `Server`, `config` and `cli` (the binary's); the modules
+// The library's surface is `start`, `start_from_file`, `Server`, `Error`, `config` and `cli` (the binary's); the modules
 // marked doc(hidden) are public only for the fuzz targets, the tests and the examples.
 
 pub(crate) mod access_log;
@@ -25,6 +25,7 @@ pub mod cli;
 pub mod client_ip;
 pub mod config;
 pub(crate) mod entra;
+pub mod error;
 pub(crate) mod exchange;
 pub(crate) mod front;
 pub(crate) mod guard;
@@ -50,4 +51,5 @@ pub mod sys;
 pub mod upstream;
 
 pub use config::Config;
+pub use error::Error;
 pub use server::{start, start_from_file, Server};

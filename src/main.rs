@@ -73,7 +73,12 @@ fn main() -> ExitCode {
                 }
                 Err(e) => {
                     log::error!("{e}");
-                    ExitCode::from(1)
+                    // A configuration that cannot be used is the user's to fix, like an invalid one; the rest
+                    // (a port in use, no threads) is the host's.
+                    match e {
+                        azure_proxy::Error::Io(_) => ExitCode::from(1),
+                        _ => ExitCode::from(2),
+                    }
                 }
             }
         }

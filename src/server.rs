@@ -14,6 +14,7 @@ use std::thread::{self, JoinHandle};
 
 use crate::admin;
 use crate::config::{Config, Overrides};
+use crate::error::Error;
 use crate::front::Front;
 use crate::lifecycle;
 use crate::pool::{Job, Pool};
@@ -53,7 +54,7 @@ impl Server {
     }
 
     /// Swaps in a new configuration (validated first; on error the running one stays).
-    pub fn reload(&self, config: Config) -> Result<(), String> {
+    pub fn reload(&self, config: Config) -> Result<(), Error> {
         self.shared.reload(config)
     }
 
@@ -76,23 +77,23 @@ impl Drop for Server {
 
 /// Binds `config.listen` and starts serving in background threads. SIGHUP reloads are not available (there is
 /// no file to reload from); see `start_from_file`.
-pub fn start(config: Config) -> io::Result<Server> {
+pub fn start(config: Config) -> Result<Server, Error> {
     launch(config, None)
 }
 
 /// As `start`, remembering where the configuration came from so that SIGHUP can read it again.
-pub fn start_from_file(config: Config, source: Overrides) -> io::Result<Server> {
+pub fn start_from_file(config: Config, source: Overrides) -> Result<Server, Error> {
     launch(config, Some(source))
 }
 
-fn launch(config: Config, source: Option<Overrides>) -> io::Result<Server> {
+fn launch(config: Config, source: Option<Overrides>) -> Result<Server, Error> {
     sys::raise_fd_limit();
     let listener = TcpListener::bind(config.listen)
         .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {}: {e}", config.listen)))?;
     let addr = listener.local_addr()?;
     sys::set_backlog(&listener, config.listen_backlog)?;
     let queue_size = config.queue_size;
-    let shared = Arc::new(Shared::new(State::new(config).map_err(io::Error::other)?));
+    let shared = Arc::new(Shared::new(State::new(config)?));
     let (jobs_tx, jobs_rx) = crossbeam_channel::bounded::<Job>(queue_size);
     let (mut front, returner) = Front::new(Arc::clone(&shared), listener, jobs_tx, source)?;
     let metrics = Arc::clone(&shared.state().metrics);

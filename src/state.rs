@@ -12,6 +12,7 @@ use ureq::Agent;
 use crate::balancer::Balancer;
 use crate::config::{Config, Credential, EgressProxy};
 use crate::entra::Tokens;
+use crate::error::Error;
 use crate::guard::Guard;
 use crate::metrics::Metrics;
 use crate::quota::Quotas;
@@ -43,28 +44,29 @@ pub struct State {
 }
 
 impl State {
-    pub fn new(config: Config) -> Result<State, String> {
+    pub fn new(config: Config) -> Result<State, Error> {
         State::build(config, None)
     }
 
     /// The state for a reloaded configuration: unchanged instances keep their cooldown, circuit and round-robin
     /// state, the block table is kept, and the upstream agent (its pool of open connections) is kept unless a
     /// setting it depends on changed.
-    pub fn reloaded(config: Config, previous: &State) -> Result<State, String> {
+    pub fn reloaded(config: Config, previous: &State) -> Result<State, Error> {
         State::build(config, Some(previous))
     }
 
-    fn build(config: Config, previous: Option<&State>) -> Result<State, String> {
+    fn build(config: Config, previous: Option<&State>) -> Result<State, Error> {
         let key_header = HeaderName::from_bytes(config.header_name.as_bytes())
-            .map_err(|_| format!("header_name {:?} is not a valid header name", config.header_name))?;
+            .map_err(|_| Error::Unusable(format!("header_name {:?} is not a valid header name", config.header_name)))?;
         let mut instance_keys = Vec::with_capacity(config.instances.len());
         for inst in &config.instances {
             let Credential::Key(key) = &inst.credential else {
                 instance_keys.push(None);
                 continue;
             };
-            let mut v = HeaderValue::from_str(key.expose())
-                .map_err(|_| format!("the api_key of instance {} is not a valid header value", inst.name))?;
+            let mut v = HeaderValue::from_str(key.expose()).map_err(|_| {
+                Error::Unusable(format!("the api_key of instance {} is not a valid header value", inst.name))
+            })?;
             v.set_sensitive(true);
             instance_keys.push(Some(v));
         }
@@ -172,7 +174,7 @@ impl Shared {
     }
 
     /// Validates `config` fully, then swaps it in. On error the running configuration stays.
-    pub fn reload(&self, config: Config) -> Result<(), String> {
+    pub fn reload(&self, config: Config) -> Result<(), Error> {
         let previous = self.state();
         if config.listen != previous.config.listen
             || config.workers != previous.config.workers
