@@ -4,7 +4,6 @@
 
 use std::io::Read;
 use std::net::TcpListener;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -51,8 +50,6 @@ pub fn answer(state: &State, method: &str, path: &str) -> Option<Answer> {
 fn scrape(state: &State) -> String {
     let m = &state.metrics;
     let gauges = Gauges {
-        queue_depth: m.queue_depth.get().map_or(0, |f| f()),
-        open_connections: m.open_connections.get().map_or(0, |c| c.load(Ordering::Relaxed)),
         blocked_clients: state.guard.blocked_clients(),
         instances: state.balancer.snapshot().into_iter().map(|(n, why)| (n, why.is_none())).collect(),
     };

@@ -67,12 +67,14 @@ pub struct Front {
 }
 
 impl Front {
-    /// Returns the front loop and the handle workers use to give connections back.
+    /// Returns the front loop and the handle workers use to give connections back. `open` counts open client
+    /// connections (the metrics read it).
     pub fn new(
         shared: Arc<Shared>,
         listener: TcpListener,
         jobs: Sender<Job>,
         reload_from: Option<Overrides>,
+        open: Arc<AtomicUsize>,
     ) -> io::Result<(Front, Returner)> {
         listener.set_nonblocking(true)?;
         let (wake_tx, wake_rx) = UnixStream::pair()?;
@@ -90,7 +92,7 @@ impl Front {
             queue_base: 0,
             returned,
             wake_rx,
-            open: Arc::new(AtomicUsize::new(0)),
+            open,
             waiting: Vec::new(),
             accept_paused_until: None,
             reserve_fd: std::fs::File::open("/dev/null").ok(),
@@ -102,11 +104,6 @@ impl Front {
     /// The worker pool that takes this front's jobs (set once, before `run`).
     pub fn set_pool(&mut self, pool: Arc<Pool>) {
         self.pool = Some(pool);
-    }
-
-    /// Open client connections right now (waiting here, queued, or being served).
-    pub fn open_connections(&self) -> Arc<AtomicUsize> {
-        Arc::clone(&self.open)
     }
 
     pub fn run(mut self) {

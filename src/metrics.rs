@@ -4,8 +4,8 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// Upper bounds of the latency histograms, in seconds: an LLM request spans milliseconds to minutes.
@@ -72,29 +72,45 @@ pub struct Metrics {
     pub request_seconds: Histogram,
     pub upstream_seconds: Histogram,
     pub stream_first_byte_seconds: Histogram,
-    /// Set at start-up: the open-connection counter and the queue length, read at scrape time.
-    pub open_connections: std::sync::OnceLock<std::sync::Arc<std::sync::atomic::AtomicUsize>>,
-    pub queue_depth: std::sync::OnceLock<Box<dyn Fn() -> usize + Send + Sync>>,
-    /// Worker threads, read at scrape time.
-    pub workers: std::sync::OnceLock<WorkerCounts>,
+    /// The front thread's and the pool's own counters, read at scrape time.
+    pub probes: Probes,
+}
+
+/// The serving machinery's own counters: made before the front thread and the worker pool and handed to them
+/// (`server::launch`), so that a scrape reads what they count; nothing is attached to `Metrics` afterwards.
+#[derive(Default)]
+pub struct Probes {
+    /// Open client connections (waiting at the front, queued or being served).
+    pub open_connections: Arc<AtomicUsize>,
+    pub workers: Arc<WorkerGauges>,
+    /// The number of requests waiting for a worker (the queue's length); `None` when no server runs.
+    pub queue_depth: Option<Box<dyn Fn() -> usize + Send + Sync>>,
+}
+
+/// The worker pool's thread counts; the pool runs on these counters (they are not copies).
+#[derive(Default)]
+pub struct WorkerGauges {
+    pub live: AtomicUsize,
+    pub idle: AtomicUsize,
+    /// Most threads alive at once since start.
+    pub peak: AtomicUsize,
 }
 
 /// Request counts of one client, by (route class, status).
 type ByRouteAndStatus = BTreeMap<(&'static str, u16), u64>;
 
-/// Reads the worker pool's (alive, idle, most alive at once).
-pub type WorkerCounts = Box<dyn Fn() -> (usize, usize, usize) + Send + Sync>;
-
 /// Values read at scrape time from the rest of the proxy.
 pub struct Gauges<'a> {
-    pub queue_depth: usize,
-    pub open_connections: usize,
     pub blocked_clients: usize,
     /// (instance, available now)
     pub instances: Vec<(&'a str, bool)>,
 }
 
 impl Metrics {
+    pub fn with_probes(probes: Probes) -> Metrics {
+        Metrics { probes, ..Metrics::default() }
+    }
+
     /// One answered request; `client` is the name of its client key (`-` when none was checked).
     pub fn request(&self, route: &'static str, status: u16, client: &str, took: Duration) {
         let mut requests = self.requests.lock().unwrap_or_else(|p| p.into_inner());
@@ -200,8 +216,11 @@ impl Metrics {
             "Requests being served by a worker.",
             self.in_flight.load(Ordering::Relaxed),
         );
-        gauge(&mut out, "azure_proxy_queue_depth", "Requests waiting for a worker.", g.queue_depth as i64);
-        let (live, idle, peak) = self.workers.get().map_or((0, 0, 0), |f| f());
+        let queue_depth = self.probes.queue_depth.as_ref().map_or(0, |f| f());
+        gauge(&mut out, "azure_proxy_queue_depth", "Requests waiting for a worker.", queue_depth as i64);
+        let w = &self.probes.workers;
+        let (live, idle, peak) =
+            (w.live.load(Ordering::Relaxed), w.idle.load(Ordering::Relaxed), w.peak.load(Ordering::Relaxed));
         gauge(&mut out, "azure_proxy_worker_threads", "Worker threads alive (serving or idle).", live as i64);
         gauge(&mut out, "azure_proxy_idle_worker_threads", "Worker threads waiting for a request.", idle as i64);
         gauge(
@@ -210,7 +229,8 @@ impl Metrics {
             "Most worker threads alive at once since start.",
             peak as i64,
         );
-        gauge(&mut out, "azure_proxy_open_connections", "Open client connections.", g.open_connections as i64);
+        let open = self.probes.open_connections.load(Ordering::Relaxed);
+        gauge(&mut out, "azure_proxy_open_connections", "Open client connections.", open as i64);
         gauge(
             &mut out,
             "azure_proxy_blocked_clients",

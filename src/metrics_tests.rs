@@ -48,12 +48,17 @@ fn route_classes() {
 
 #[test]
 fn exposition_format() {
-    let m = Metrics::default();
+    let probes = Probes { queue_depth: Some(Box::new(|| 2)), ..Probes::default() };
+    probes.open_connections.store(5, Ordering::Relaxed);
+    probes.workers.live.store(7, Ordering::Relaxed);
+    let m = Metrics::with_probes(probes);
     m.request("chat", 200, "team-a", Duration::from_millis(30));
     m.attempt("we\"ird", "429", Duration::from_millis(5));
     m.tokens("east", "gpt-4o", "team-a", Usage { prompt: 10, completion: 3 });
-    let text =
-        m.render(&Gauges { queue_depth: 2, open_connections: 5, blocked_clients: 0, instances: vec![("east", true)] });
+    let text = m.render(&Gauges { blocked_clients: 0, instances: vec![("east", true)] });
+    for gauge in ["azure_proxy_queue_depth 2\n", "azure_proxy_open_connections 5\n", "azure_proxy_worker_threads 7\n"] {
+        assert!(text.contains(gauge), "{gauge}: {text}");
+    }
     assert!(text.contains("azure_proxy_requests_total{route=\"chat\",status=\"200\",client=\"team-a\"} 1\n"), "{text}");
     assert!(text.contains("instance=\"we\\\"ird\""), "{text}");
     assert!(text.contains("azure_proxy_request_duration_seconds_bucket{le=\"0.05\"} 1\n"), "{text}");

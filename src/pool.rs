@@ -24,6 +24,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
 use crate::http::parse::parse_head;
 use crate::http::{Conn, Head};
+use crate::metrics::WorkerGauges;
 use crate::serve::{refuse_queued, serve};
 use crate::state::{Shared, State};
 
@@ -70,8 +71,8 @@ pub struct Pool {
     max: usize,
     keep_warm: usize,
     idle_after: Duration,
-    live: AtomicUsize,
-    idle: AtomicUsize,
+    /// Live, idle and peak thread counts (the metrics read them).
+    counts: Arc<WorkerGauges>,
     /// The fewest idle workers since the current period began.
     idle_low: AtomicUsize,
     /// When the current period began, in ms since `born`.
@@ -81,8 +82,6 @@ pub struct Pool {
     to_retire: AtomicUsize,
     /// Workers that exited since the heap was last trimmed.
     retired: AtomicUsize,
-    /// Most threads alive at once since start (for the benchmark and metrics).
-    peak: AtomicUsize,
     /// Jobs taken off the channel so far, by workers or by the front thread expiring them.
     taken: AtomicU64,
     next_id: AtomicU64,
@@ -90,7 +89,12 @@ pub struct Pool {
 
 impl Pool {
     /// Starts the warm workers.
-    pub fn start(shared: Arc<Shared>, jobs: Receiver<Job>, returner: Returner) -> io::Result<Arc<Pool>> {
+    pub fn start(
+        shared: Arc<Shared>,
+        jobs: Receiver<Job>,
+        returner: Returner,
+        counts: Arc<WorkerGauges>,
+    ) -> io::Result<Arc<Pool>> {
         let cfg = &shared.state().config;
         let pool = Arc::new(Pool {
             max: cfg.workers,
@@ -99,14 +103,12 @@ impl Pool {
             jobs,
             shared: Arc::clone(&shared),
             returner,
-            live: AtomicUsize::new(0),
-            idle: AtomicUsize::new(0),
+            counts,
             idle_low: AtomicUsize::new(0),
             period_start_ms: AtomicU64::new(0),
             born: Instant::now(),
             to_retire: AtomicUsize::new(0),
             retired: AtomicUsize::new(0),
-            peak: AtomicUsize::new(0),
             taken: AtomicU64::new(0),
             next_id: AtomicU64::new(0),
         });
@@ -124,21 +126,13 @@ impl Pool {
     /// job it queued has nobody left to take it; the worker checks the same thing from its side right after it
     /// stops counting itself (`work`). Each side writes before it reads (SeqCst), so one of them sees the other.
     pub fn on_queued(self: &Arc<Self>) {
-        if self.jobs.len() > self.idle.load(Ordering::SeqCst) {
+        if self.jobs.len() > self.counts.idle.load(Ordering::SeqCst) {
             self.grow();
         }
     }
 
     pub fn live(&self) -> usize {
-        self.live.load(Ordering::Relaxed)
-    }
-
-    pub fn idle(&self) -> usize {
-        self.idle.load(Ordering::Relaxed)
-    }
-
-    pub fn peak(&self) -> usize {
-        self.peak.load(Ordering::Relaxed)
+        self.counts.live.load(Ordering::Relaxed)
     }
 
     /// Jobs taken off the channel so far (the front thread uses it to know which queued job is the oldest).
@@ -155,11 +149,12 @@ impl Pool {
 
     /// Starts one worker unless the bound is reached; false when none was started.
     fn grow(self: &Arc<Self>) -> bool {
-        let reserved = self.live.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < self.max).then_some(n + 1));
+        let reserved =
+            self.counts.live.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < self.max).then_some(n + 1));
         let Ok(before) = reserved else { return false };
-        self.peak.fetch_max(before + 1, Ordering::Relaxed);
+        self.counts.peak.fetch_max(before + 1, Ordering::Relaxed);
         // Counted idle from now: it will take the job that made us start it.
-        self.idle.fetch_add(1, Ordering::AcqRel);
+        self.counts.idle.fetch_add(1, Ordering::AcqRel);
         let pool = Arc::clone(self);
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let spawned = thread::Builder::new()
@@ -169,8 +164,8 @@ impl Pool {
         match spawned {
             Ok(_) => true,
             Err(e) => {
-                self.idle.fetch_sub(1, Ordering::AcqRel);
-                self.live.fetch_sub(1, Ordering::AcqRel);
+                self.counts.idle.fetch_sub(1, Ordering::AcqRel);
+                self.counts.live.fetch_sub(1, Ordering::AcqRel);
                 log::warn!("cannot start a worker thread ({e}); {} running", self.live());
                 false
             }
@@ -187,18 +182,18 @@ impl Pool {
             match self.jobs.recv_timeout(self.idle_after) {
                 Ok(job) => {
                     self.taken.fetch_add(1, Ordering::AcqRel);
-                    let now_idle = self.idle.fetch_sub(1, Ordering::SeqCst) - 1;
+                    let now_idle = self.counts.idle.fetch_sub(1, Ordering::SeqCst) - 1;
                     self.idle_low.fetch_min(now_idle, Ordering::AcqRel);
                     if now_idle == 0 && !self.jobs.is_empty() {
                         self.grow();
                     }
                     self.serve_connection(job);
-                    self.idle.fetch_add(1, Ordering::AcqRel);
+                    self.counts.idle.fetch_add(1, Ordering::AcqRel);
                 }
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => {
-                    self.idle.fetch_sub(1, Ordering::AcqRel);
-                    self.live.fetch_sub(1, Ordering::AcqRel);
+                    self.counts.idle.fetch_sub(1, Ordering::AcqRel);
+                    self.counts.live.fetch_sub(1, Ordering::AcqRel);
                     return;
                 }
             }
@@ -221,9 +216,9 @@ impl Pool {
         if self.retired.swap(0, Ordering::AcqRel) > 0 {
             crate::sys::release_free_heap();
         }
-        let idle_now = self.idle.load(Ordering::Acquire);
+        let idle_now = self.counts.idle.load(Ordering::Acquire);
         let never_needed = self.idle_low.swap(idle_now, Ordering::AcqRel).min(idle_now);
-        let live = self.live.load(Ordering::Acquire);
+        let live = self.counts.live.load(Ordering::Acquire);
         let pending = self.to_retire.load(Ordering::Acquire);
         let surplus = never_needed.min(live.saturating_sub(self.keep_warm)).saturating_sub(pending);
         if surplus > 0 {
@@ -237,11 +232,12 @@ impl Pool {
         if asked.is_err() {
             return false;
         }
-        let left = self.live.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n > self.keep_warm).then(|| n - 1));
+        let left =
+            self.counts.live.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n > self.keep_warm).then(|| n - 1));
         if left.is_err() {
             return false;
         }
-        self.idle.fetch_sub(1, Ordering::AcqRel);
+        self.counts.idle.fetch_sub(1, Ordering::AcqRel);
         self.retired.fetch_add(1, Ordering::AcqRel);
         // glibc keeps an exited thread's stack for reuse, resident pages and all: leave it with none.
         crate::sys::trim_stack();

@@ -17,6 +17,7 @@ use crate::config::{Config, Overrides};
 use crate::error::Error;
 use crate::front::Front;
 use crate::lifecycle;
+use crate::metrics::{Metrics, Probes};
 use crate::pool::{Job, Pool};
 use crate::state::{Shared, State};
 use crate::sys;
@@ -92,18 +93,16 @@ fn launch(config: Config, source: Option<Overrides>) -> Result<Server, Error> {
         .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {}: {e}", config.listen)))?;
     let addr = listener.local_addr()?;
     sys::set_backlog(&listener, config.listen_backlog)?;
-    let queue_size = config.queue_size;
-    let shared = Arc::new(Shared::new(State::new(config)?));
-    let (jobs_tx, jobs_rx) = crossbeam_channel::bounded::<Job>(queue_size);
-    let (mut front, returner) = Front::new(Arc::clone(&shared), listener, jobs_tx, source)?;
-    let metrics = Arc::clone(&shared.state().metrics);
-    let _ = metrics.open_connections.set(front.open_connections());
+    let (jobs_tx, jobs_rx) = crossbeam_channel::bounded::<Job>(config.queue_size);
     let queue = jobs_rx.clone();
-    let _ = metrics.queue_depth.set(Box::new(move || queue.len()));
+    let probes = Probes { queue_depth: Some(Box::new(move || queue.len())), ..Probes::default() };
+    let (open, workers) = (Arc::clone(&probes.open_connections), Arc::clone(&probes.workers));
+    let metrics = Arc::new(Metrics::with_probes(probes));
+    let shared = Arc::new(Shared::new(State::with_metrics(config, metrics)?));
+    let (mut front, returner) = Front::new(Arc::clone(&shared), listener, jobs_tx, source, open)?;
     let waker = returner.waker();
-    let pool = Pool::start(Arc::clone(&shared), jobs_rx, returner)?;
-    front.set_pool(Arc::clone(&pool));
-    let _ = metrics.workers.set(Box::new(move || (pool.live(), pool.idle(), pool.peak())));
+    let pool = Pool::start(Arc::clone(&shared), jobs_rx, returner, workers)?;
+    front.set_pool(pool);
     if let Some(admin_addr) = shared.state().config.admin_listen {
         let admin = TcpListener::bind(admin_addr)
             .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on admin_listen {admin_addr}: {e}")))?;

@@ -44,18 +44,24 @@ pub struct State {
 }
 
 impl State {
+    /// The state of a configuration with fresh metrics (no server's counters behind them).
     pub fn new(config: Config) -> Result<State, Error> {
-        State::build(config, None)
+        State::build(config, None, Arc::default())
+    }
+
+    /// The first state of a server, counting into `metrics` (which carries the server's probes).
+    pub fn with_metrics(config: Config, metrics: Arc<Metrics>) -> Result<State, Error> {
+        State::build(config, None, metrics)
     }
 
     /// The state for a reloaded configuration: unchanged instances keep their cooldown, circuit and round-robin
     /// state, the block table is kept, and the upstream agent (its pool of open connections) is kept unless a
     /// setting it depends on changed.
     pub fn reloaded(config: Config, previous: &State) -> Result<State, Error> {
-        State::build(config, Some(previous))
+        State::build(config, Some(previous), Arc::clone(&previous.metrics))
     }
 
-    fn build(config: Config, previous: Option<&State>) -> Result<State, Error> {
+    fn build(config: Config, previous: Option<&State>, metrics: Arc<Metrics>) -> Result<State, Error> {
         let key_header = HeaderName::from_bytes(config.header_name.as_bytes())
             .map_err(|_| Error::Unusable(format!("header_name {:?} is not a valid header name", config.header_name)))?;
         let mut instance_keys = Vec::with_capacity(config.instances.len());
@@ -91,7 +97,6 @@ impl State {
             Some(p) => Guard::carry_over(&config, &p.guard),
             None => Guard::new(&config),
         };
-        let metrics = previous.map(|p| Arc::clone(&p.metrics)).unwrap_or_default();
         let quotas = match previous {
             Some(p) => Quotas::carry_over(&config.client_keys, &p.config.client_keys, &p.quotas),
             None => Quotas::new(&config.client_keys),
