@@ -47,6 +47,7 @@ pub mod state;
 pub(crate) mod stream;
 #[doc(hidden)] // public for the test mock and the benchmark upstream only
 pub mod sys;
+pub(crate) mod transport;
 #[doc(hidden)] // public for the fuzz targets only
 pub mod upstream;
 

@@ -19,7 +19,9 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 use ureq::http::Uri;
 use ureq::unversioned::resolver::{DefaultResolver, ResolvedSocketAddrs, Resolver};
-use ureq::unversioned::transport::{ConnectionDetails, Connector, DefaultConnector, NextTimeout, Transport};
+use ureq::unversioned::transport::{ConnectionDetails, Connector, NextTimeout, Transport};
+
+use crate::transport::Upstream;
 
 /// Hosts kept at most. The hosts are the configured instances' (and the egress proxy's), so this is only a
 /// bound against a configuration with thousands of endpoints; past it the least recently used host is dropped.
@@ -324,18 +326,17 @@ impl fmt::Debug for DnsCache {
     }
 }
 
-/// ureq's default connector chain (TCP, rustls, CONNECT proxy: TLS, `ca_bundle` and `egress_proxy` work as
-/// with a plain agent), plus one thing: a failed connect makes the cache refresh that host's addresses. ureq
+/// The upstream connector (`transport`: TCP, rustls, CONNECT proxy), plus one thing: a failed connect makes the cache refresh that host's addresses. ureq
 /// gives the resolver no word about connects, so this is where the failure is seen.
 #[derive(Debug)]
 pub struct RefreshOnFailure {
-    inner: DefaultConnector,
+    inner: Upstream,
     dns: DnsCache,
 }
 
 impl RefreshOnFailure {
-    pub fn new(dns: DnsCache) -> RefreshOnFailure {
-        RefreshOnFailure { inner: DefaultConnector::default(), dns }
+    pub fn new(inner: Upstream, dns: DnsCache) -> RefreshOnFailure {
+        RefreshOnFailure { inner, dns }
     }
 }
 

@@ -6,7 +6,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 
 use ureq::http::header::{HeaderName, HeaderValue, AUTHORIZATION};
-use ureq::tls::{RootCerts, TlsConfig};
 use ureq::Agent;
 
 use crate::balancer::Balancer;
@@ -18,6 +17,7 @@ use crate::metrics::Metrics;
 use crate::quota::Quotas;
 use crate::redact::Secrets;
 use crate::resolve::{DnsCache, RefreshOnFailure};
+use crate::transport::{TlsClient, Upstream};
 
 pub struct State {
     pub config: Config,
@@ -87,7 +87,7 @@ impl State {
         dns.set_refresh(config.dns_refresh);
         let agents = match previous {
             Some(p) if agent_settings(&p.config) == agent_settings(&config) => p.agents.clone(),
-            _ => Agents::new(&config, dns),
+            _ => Agents::new(&config, dns)?,
         };
         let balancer = match previous {
             Some(p) => Balancer::carry_over(&config.instances, &config.routing, &p.balancer),
@@ -141,14 +141,12 @@ impl State {
 }
 
 /// What the agent is built from; a reload that leaves these alone keeps the agent and its open connections.
-fn agent_settings(c: &Config) -> (usize, usize, usize, std::time::Duration, std::time::Duration, std::time::Duration) {
+fn agent_settings(c: &Config) -> (usize, usize, usize, [std::time::Duration; 4]) {
     (
         c.upstream_idle_per_instance,
         c.instances.len(),
         c.max_head_bytes,
-        c.connect_timeout,
-        c.upstream_response_timeout,
-        c.upstream_read_timeout,
+        [c.connect_timeout, c.upstream_response_timeout, c.upstream_read_timeout, c.upstream_idle_timeout],
     )
 }
 
@@ -233,7 +231,8 @@ pub const SMALL_OUTPUT_BYTES: usize = 4 * 1024;
 /// it for the connection's life, and it must hold the whole request head: sized for `max_head_bytes` (32 KiB) it
 /// was the largest part of every open stream's memory, while real heads are around 1 KiB. So requests whose head
 /// fits `SMALL_OUTPUT_BYTES` (all but odd ones) use `small`, the others `large`, each with its own pool.
-/// Both resolve upstream hosts through one `DnsCache`.
+/// Both resolve upstream hosts through one `DnsCache`, and make TLS connections from one `TlsClient` (one
+/// session store, so a connection of either agent can resume a session of the other's).
 #[derive(Clone)]
 pub struct Agents {
     pub small: Agent,
@@ -242,12 +241,15 @@ pub struct Agents {
 }
 
 impl Agents {
-    fn new(config: &Config, dns: DnsCache) -> Agents {
-        Agents {
-            small: build_agent(config, SMALL_OUTPUT_BYTES, &dns),
-            large: build_agent(config, SMALL_OUTPUT_BYTES.max(config.max_head_bytes + 1024), &dns),
+    fn new(config: &Config, dns: DnsCache) -> Result<Agents, Error> {
+        // A ticket per connection the two pools may hold for a host: after a lull each reconnect can resume.
+        let tls = TlsClient::new(config.upstream_roots.as_deref(), 2 * config.upstream_idle_per_instance)
+            .map_err(Error::Unusable)?;
+        Ok(Agents {
+            small: build_agent(config, SMALL_OUTPUT_BYTES, &dns, &tls),
+            large: build_agent(config, SMALL_OUTPUT_BYTES.max(config.max_head_bytes + 1024), &dns, &tls),
             dns,
-        }
+        })
     }
 
     /// The agent for a request whose head (request line and headers) is about `head_bytes` long.
@@ -263,21 +265,18 @@ impl Agents {
 
 /// An upstream client set up as a proxy needs it: statuses are answers, not errors; redirects go back to the
 /// client; no environment proxy; nothing added to the client's headers; connect, response-head and per-read
-/// timeouts only, because a whole-body timeout would cut long streams. Host names are resolved through `dns`
-/// (cached, see `resolve`); connections are made by ureq's default connector chain.
-fn build_agent(config: &Config, output_bytes: usize, dns: &DnsCache) -> Agent {
+/// timeouts only, because a whole-body timeout would cut long streams; idle connections kept for
+/// `upstream_idle_timeout_ms`. Host names are resolved through `dns` (cached, see `resolve`); connections are
+/// made by `transport`, TLS ones from `tls`.
+fn build_agent(config: &Config, output_bytes: usize, dns: &DnsCache, tls: &TlsClient) -> Agent {
     let idle_per_host = config.upstream_idle_per_instance;
     let proxy = match &config.egress_proxy {
         EgressProxy::Direct => None,
         EgressProxy::FromEnvironment => ureq::Proxy::try_from_env(),
         EgressProxy::Url(url) => ureq::Proxy::new(url.expose()).ok(),
     };
-    let roots = match &config.upstream_roots {
-        Some(certs) => RootCerts::new_with_certs(certs),
-        None => RootCerts::WebPki,
-    };
+    // No tls_config: `tls` holds the roots (ureq's TLS settings are not used by our connector).
     let agent_config = Agent::config_builder()
-        .tls_config(TlsConfig::builder().root_certs(roots).build())
         .http_status_as_error(false)
         .max_redirects(0)
         .max_redirects_will_error(false)
@@ -299,8 +298,10 @@ fn build_agent(config: &Config, output_bytes: usize, dns: &DnsCache) -> Agent {
         .output_buffer_size(output_bytes)
         .max_idle_connections(idle_per_host * config.instances.len())
         .max_idle_connections_per_host(idle_per_host)
+        .max_idle_age(config.upstream_idle_timeout)
         .build();
-    Agent::with_parts(agent_config, RefreshOnFailure::new(dns.clone()), dns.clone())
+    let connector = RefreshOnFailure::new(Upstream::new(tls.clone()), dns.clone());
+    Agent::with_parts(agent_config, connector, dns.clone())
 }
 
 #[cfg(test)]

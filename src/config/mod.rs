@@ -48,6 +48,10 @@ pub const DEFAULT_LISTEN_BACKLOG: u32 = 4096;
 pub const MAX_LISTEN_BACKLOG: u32 = 65_535;
 /// Idle upstream connections kept per instance for reuse (each holds ureq's buffers); the rest are closed.
 pub const DEFAULT_UPSTREAM_IDLE_PER_INSTANCE: usize = 64;
+/// How long an idle upstream connection stays pooled. ureq's own default (15 s) made every lull of a quarter
+/// minute cost a full reconnect of the pool; Azure's load balancers keep idle TCP connections for 4 minutes, so
+/// 90 s keeps the pool warm through ordinary lulls and still stays well inside the server's limit.
+pub const DEFAULT_UPSTREAM_IDLE_TIMEOUT_MS: u64 = 90_000;
 /// Open client connections: room for `DEFAULT_WORKERS` streams and as many idle or waiting clients.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 8192;
 pub const DEFAULT_MAX_HEAD_BYTES: usize = 32 * 1024;
@@ -195,6 +199,8 @@ pub struct Config {
     pub listen_backlog: u32,
     /// Idle upstream connections kept per instance.
     pub upstream_idle_per_instance: usize,
+    /// How long an idle upstream connection is kept for reuse.
+    pub upstream_idle_timeout: Duration,
     /// Open client connections (idle, reading, or being served); beyond it new ones get 503 and are closed.
     pub max_connections: usize,
     pub max_head_bytes: usize,
