@@ -22,3 +22,4 @@ mod routing;
 mod security;
 mod streaming;
 mod tls;
+mod transport;
