@@ -218,7 +218,7 @@ fn ca_bundle_trusts_a_private_ca_for_upstreams() {
 }
 
 /// A minimal HTTP CONNECT proxy: records each CONNECT target, then splices bytes both ways.
-fn connect_proxy() -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
+pub(crate) fn connect_proxy() -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = listener.local_addr().expect("addr");
     let seen = Arc::new(Mutex::new(Vec::new()));

@@ -187,6 +187,21 @@ fn a_pool_of_reconnects_resumes_its_tls_sessions() {
     assert!(kinds[N..].iter().all(|k| *k == HandshakeKind::Resumed), "second round: all resumed: {kinds:?}");
 }
 
+#[test]
+fn https_upstreams_through_the_egress_proxy_resume_too() {
+    let up = TlsUpstream::start(None);
+    let (egress, seen) = crate::tls::connect_proxy();
+    let extra = json!({"ca_bundle": fixture("private-ca.pem"), "egress_proxy": format!("http://{egress}")});
+    let p = proxy_to(&up.url(), extra);
+    for _ in 0..3 {
+        let r = call(p.addr, "POST", CHAT, &[KEY], b"{\"messages\":[]}");
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    assert_eq!(seen.lock().expect("seen").len(), 3, "each connection tunnelled through the proxy");
+    let kinds = up.kinds.lock().expect("kinds").clone();
+    assert_eq!(kinds, [HandshakeKind::Full, HandshakeKind::Resumed, HandshakeKind::Resumed]);
+}
+
 /// An HTTPS upstream (the localhost certificate of the private test CA) that records each connection's
 /// handshake kind and request body, and answers 200 with `Connection: close`. With `batch`, it holds each answer
 /// until that many requests are in (or 10 s passed), so that the proxy has that many connections open at once.
