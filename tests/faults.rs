@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use crate::support::client::{call, find, Client, Resp};
 use crate::support::eventually;
-use crate::support::mock::{azure_like, MockAzure, Recorded, Reply};
+use crate::support::mock::{azure_like, serving as ok_mock, MockAzure, Recorded, Reply};
 use crate::support::process::{write_config, Running};
 use crate::support::proxy::{self, instance, Proxy, CHAT};
 use rustls::pki_types::pem::PemObject;
@@ -31,11 +31,6 @@ const WRONG_KEY: &[u8] = include_bytes!("fixtures/wrong-key.pem");
 // ---------------------------------------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------------------------------------
-
-/// A healthy instance: 200 with its name in `x-served-by`.
-fn ok_mock(name: &'static str) -> MockAzure {
-    MockAzure::start(move |_: &Recorded| Reply::json(200, json!({"served_by": name})).with_header("x-served-by", name))
-}
 
 /// An instance that always answers `status` (with `Retry-After: 1` for 429).
 fn failing_mock(status: u16) -> MockAzure {

@@ -5,7 +5,7 @@ use std::net::TcpListener;
 use std::time::Duration;
 
 use crate::support::client::{call, Resp};
-use crate::support::mock::{MockAzure, Recorded, Reply};
+use crate::support::mock::{serving as ok_mock, MockAzure, Recorded, Reply};
 use crate::support::proxy::{self, instance, Proxy, CHAT};
 use serde_json::{json, Value};
 
@@ -17,11 +17,6 @@ fn short_timeouts() -> Value {
 /// A mock that gives every request the reply `f` builds.
 fn mock(f: impl Fn() -> Reply + Send + Sync + 'static) -> MockAzure {
     MockAzure::start(move |_: &Recorded| f())
-}
-
-/// A healthy instance: 200 with its name in the body and in `x-served-by`.
-fn ok_mock(name: &'static str) -> MockAzure {
-    mock(move || Reply::json(200, json!({"served_by": name})).with_header("x-served-by", name))
 }
 
 /// An Azure-style error answer.

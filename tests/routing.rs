@@ -15,7 +15,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::support::client::{call, Resp};
 use crate::support::eventually;
-use crate::support::mock::{MockAzure, Recorded, Reply};
+use crate::support::mock::{served_by_reply as ok_reply, serving as ok_mock, MockAzure, Recorded, Reply};
 use crate::support::proxy::{self, instance, Proxy, CHAT};
 use serde_json::{json, Value};
 
@@ -37,15 +37,6 @@ impl Window {
     fn open(&self) -> bool {
         Instant::now() < self.0
     }
-}
-
-/// 200 naming the instance in the body and in `x-served-by`.
-fn ok_reply(name: &str) -> Reply {
-    Reply::json(200, json!({"served_by": name})).with_header("x-served-by", name)
-}
-
-fn ok_mock(name: &'static str) -> MockAzure {
-    MockAzure::start(move |_: &Recorded| ok_reply(name))
 }
 
 /// An Azure-style error answer with the given retry-hint headers.

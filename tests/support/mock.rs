@@ -742,6 +742,16 @@ fn azure_error(status: u16, code: &str, message: &str) -> Reply {
     Reply::json(status, json!({"error": {"code": code, "message": message}}))
 }
 
+/// 200 naming the instance in the body (`{"served_by": name}`) and in `x-served-by`.
+pub fn served_by_reply(name: &str) -> Reply {
+    Reply::json(200, json!({"served_by": name})).with_header("x-served-by", name)
+}
+
+/// A healthy instance: every request gets `served_by_reply(name)`.
+pub fn serving(name: &'static str) -> MockAzure {
+    MockAzure::start(move |_: &Recorded| served_by_reply(name))
+}
+
 /// The reply text `azure_like(name, ..)` produces.
 pub fn reply_text(name: &str) -> String {
     format!("Hello from {name}")
