@@ -15,7 +15,8 @@ use ureq::Agent;
 
 pub use cell::TokenCell;
 
-use crate::config::{Config, Credential, EgressProxy};
+use crate::config::{Config, Credential};
+use crate::upstream::agents::egress_proxy;
 
 /// How long one token request may take in all.
 const TOKEN_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
@@ -147,10 +148,5 @@ fn token_agents(config: &Config) -> (Agent, Agent) {
             .build()
             .into()
     };
-    let proxy = match &config.egress_proxy {
-        EgressProxy::Direct => None,
-        EgressProxy::FromEnvironment => ureq::Proxy::try_from_env(),
-        EgressProxy::Url(url) => ureq::Proxy::new(url.expose()).ok(),
-    };
-    (build(None), build(proxy))
+    (build(None), build(egress_proxy(config)))
 }

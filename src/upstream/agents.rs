@@ -1,0 +1,110 @@
+//! The ureq agents that carry every upstream request: configured as a proxy needs them, on the project's own
+//! resolver (`resolve`) and socket layer (`transport`).
+
+use ureq::Agent;
+
+use crate::config::{Config, EgressProxy};
+use crate::error::Error;
+use crate::resolve::{DnsCache, RefreshOnFailure};
+use crate::transport::{TlsClient, Upstream};
+
+/// ureq's input buffer per upstream connection: it holds a response head (it grows by itself for a larger one)
+/// and each piece of body handed over. 4 KiB: an SSE event is well under 1 KiB. (ureq grows it to 10 KiB while it
+/// sends a request body, which it reads through the buffer's free space; that is ureq's own minimum.)
+const UPSTREAM_INPUT_BYTES: usize = 4 * 1024;
+/// ureq's output buffer per upstream connection of the small agent: the request head must fit it whole (ureq
+/// refuses a larger one); a body goes out through it in pieces of this size. SDK requests carry about 1 KiB of
+/// head; measured per open stream, every KiB here is a KiB of each stream's memory.
+pub const SMALL_OUTPUT_BYTES: usize = 4 * 1024;
+
+/// Two agents that differ only in their output buffer. ureq allocates it, zero-filled, per connection and keeps
+/// it for the connection's life, and it must hold the whole request head: sized for `max_head_bytes` (32 KiB) it
+/// was the largest part of every open stream's memory, while real heads are around 1 KiB. So requests whose head
+/// fits `SMALL_OUTPUT_BYTES` (all but odd ones) use `small`, the others `large`, each with its own pool.
+/// Both resolve upstream hosts through one `DnsCache`, and make TLS connections from one `TlsClient` (one
+/// session store, so a connection of either agent can resume a session of the other's).
+#[derive(Clone)]
+pub struct Agents {
+    pub small: Agent,
+    pub large: Agent,
+    pub dns: DnsCache,
+}
+
+impl Agents {
+    pub fn new(config: &Config, dns: DnsCache) -> Result<Agents, Error> {
+        // A ticket per connection the two pools may hold for a host: after a lull each reconnect can resume.
+        let tls = TlsClient::new(config.upstream_roots.as_deref(), 2 * config.upstream_idle_per_instance)
+            .map_err(Error::Unusable)?;
+        Ok(Agents {
+            small: build_agent(config, SMALL_OUTPUT_BYTES, &dns, &tls),
+            large: build_agent(config, SMALL_OUTPUT_BYTES.max(config.max_head_bytes + 1024), &dns, &tls),
+            dns,
+        })
+    }
+
+    /// The agent for a request whose head (request line and headers) is about `head_bytes` long.
+    pub fn for_head(&self, head_bytes: usize) -> &Agent {
+        // Room for what ureq adds (Host, Content-Length) and rounding in the estimate.
+        if head_bytes + 512 <= SMALL_OUTPUT_BYTES {
+            &self.small
+        } else {
+            &self.large
+        }
+    }
+}
+
+/// An upstream client set up as a proxy needs it: statuses are answers, not errors; redirects go back to the
+/// client; no environment proxy; nothing added to the client's headers; connect, response-head and per-read
+/// timeouts only, because a whole-body timeout would cut long streams; idle connections kept for
+/// `upstream_idle_timeout_ms`. Host names are resolved through `dns` (cached, see `resolve`); connections are
+/// made by `transport`, TLS ones from `tls`.
+fn build_agent(config: &Config, output_bytes: usize, dns: &DnsCache, tls: &TlsClient) -> Agent {
+    let idle_per_host = config.upstream_idle_per_instance;
+    let proxy = egress_proxy(config);
+    // No tls_config: `tls` holds the roots (ureq's TLS settings are not used by our connector).
+    let agent_config = Agent::config_builder()
+        .http_status_as_error(false)
+        .max_redirects(0)
+        .max_redirects_will_error(false)
+        .allow_non_standard_methods(true)
+        .user_agent("")
+        .accept("")
+        .proxy(proxy)
+        .no_delay(true)
+        .timeout_connect(Some(config.connect_timeout))
+        // No timeout_resolve: ureq's own resolver would run every lookup on a new thread (measured: one clone3
+        // per request, throughput down 60 %), and ours does not use it. `DnsCache` bounds lookups instead: a
+        // request waits only for the first lookup of a host (bounded by resolv.conf's timeout and attempts; the
+        // connect timeout starts after it), later ones run on its two refresh threads while the cached addresses
+        // are used.
+        .timeout_recv_response(Some(config.upstream_response_timeout))
+        .timeout_per_read(Some(config.upstream_read_timeout))
+        // 128 KiB each by default, per upstream connection: 256 open streams held 84 MiB (see `Agents`).
+        .input_buffer_size(UPSTREAM_INPUT_BYTES)
+        .output_buffer_size(output_bytes)
+        .max_idle_connections(idle_per_host * config.instances.len())
+        .max_idle_connections_per_host(idle_per_host)
+        .max_idle_age(config.upstream_idle_timeout)
+        .build();
+    let connector = RefreshOnFailure::new(Upstream::new(tls.clone()), dns.clone());
+    Agent::with_parts(agent_config, connector, dns.clone())
+}
+
+/// What the agent is built from; a reload that leaves these alone keeps the agent and its open connections.
+pub fn agent_settings(c: &Config) -> (usize, usize, usize, [std::time::Duration; 4]) {
+    (
+        c.upstream_idle_per_instance,
+        c.instances.len(),
+        c.max_head_bytes,
+        [c.connect_timeout, c.upstream_response_timeout, c.upstream_read_timeout, c.upstream_idle_timeout],
+    )
+}
+
+/// The egress CONNECT proxy the configuration asks for, if any (shared with the Entra ID token clients).
+pub fn egress_proxy(config: &Config) -> Option<ureq::Proxy> {
+    match &config.egress_proxy {
+        EgressProxy::Direct => None,
+        EgressProxy::FromEnvironment => ureq::Proxy::try_from_env(),
+        EgressProxy::Url(url) => ureq::Proxy::new(url.expose()).ok(),
+    }
+}
