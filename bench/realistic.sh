@@ -10,7 +10,9 @@
 # Knobs (environment): BENCH_DURATION (s per wrk run, 5), BENCH_ROUNDS (3), BENCH_CONNS ("1 16 64"), BENCH_WARMUP
 # (s per target before each concurrency, 1), BENCH_COUNT_DURATION (s of the extra run per target and concurrency
 # that perf stat counts, 3), BENCH_RATES (open loop, req/s: "1000 5000 10000"), BENCH_OPEN_DURATION (s per oha run,
-# 8), BENCH_OPEN_CONNS (oha connections, 32), BENCH_OPEN_SKIP (s at the start of each oha run left out of its
+# 8), BENCH_WAIT_QUIET (s to wait for the machine to be under 10 % busy before measuring, 0), BENCH_PROFILE (1:
+# perf record azure-proxy during one extra run at 16 connections, top symbols in the report; builds a release
+# binary with symbols unless BENCH_PROXY_BIN is given), BENCH_OPEN_CONNS (oha connections, 32), BENCH_OPEN_SKIP (s at the start of each oha run left out of its
 # percentiles: connection set-up, 1), BENCH_PERF (auto; 0: strace -f -c instead), BENCH_QUICK (1: a smoke
 # run of about 40 s), BENCH_PORT_BASE (23300), BENCH_PROXY_BIN (benchmark this binary instead of building).
 set -euo pipefail
@@ -32,6 +34,8 @@ OPEN_DURATION="${BENCH_OPEN_DURATION:-8}"
 OPEN_CONNS="${BENCH_OPEN_CONNS:-32}"
 OPEN_SKIP="${BENCH_OPEN_SKIP:-1}"
 PERF_MODE="${BENCH_PERF:-auto}"
+WAIT_QUIET="${BENCH_WAIT_QUIET:-0}"
+PROFILE="${BENCH_PROFILE:-0}"
 PORT_BASE="${BENCH_PORT_BASE:-23300}"
 COMMAND="${BENCH_COMMAND:-bash bench/realistic.sh}"
 
@@ -45,7 +49,7 @@ CHAT_PATH="/openai/deployments/gpt-4o/chat/completions?api-version=2024-06-01"
 REQUEST_BODY='{"messages":[{"role":"user","content":"hi"}]}'
 NAMES=(azure-a.bench azure-b.bench azure-c.bench)
 
-for v in DURATION ROUNDS WARMUP COUNT_DURATION OPEN_DURATION OPEN_CONNS OPEN_SKIP PORT_BASE; do
+for v in DURATION ROUNDS WARMUP COUNT_DURATION OPEN_DURATION OPEN_CONNS OPEN_SKIP PORT_BASE WAIT_QUIET PROFILE; do
     [[ "${!v}" =~ ^[0-9]+$ ]] || { echo "bench: BENCH_$v must be a whole number, got '${!v}'" >&2; exit 2; }
 done
 for n in $CONNS $RATES; do
@@ -70,7 +74,13 @@ if [ -z "${BENCH_IN_NAMESPACE:-}" ]; then
         log "installing oha (open-loop load generator) with cargo install; this takes a few minutes, once"
         cargo install oha --locked
     fi
-    if [ -z "${BENCH_PROXY_BIN:-}" ]; then
+    if [ -z "${BENCH_PROXY_BIN:-}" ] && [ "$PROFILE" = 1 ]; then
+        # The release profile strips symbols; a profile needs them. Same optimisation, own target directory.
+        log "building (release, with symbols for the profile)"
+        CARGO_PROFILE_RELEASE_STRIP=false CARGO_PROFILE_RELEASE_DEBUG=line-tables-only \
+            cargo build --release --bin azure-proxy --target-dir "$TARGET_DIR/bench-symbols"
+        PROXY_BIN="$TARGET_DIR/bench-symbols/release/azure-proxy"
+    elif [ -z "${BENCH_PROXY_BIN:-}" ]; then
         log "building (release)"
         cargo build --release --bin azure-proxy
     fi
@@ -383,7 +393,13 @@ cpu_busy_pct() { # busy share of all cores over one second, from /proc/stat
     echo "$a $b" | awk '{ busy = $3 - $1; idle = $4 - $2; printf "%.0f\n", 100 * busy / (busy + idle) }'
 }
 BUSY_BEFORE=$(cpu_busy_pct)
-log "machine busy before the measurements: ${BUSY_BEFORE}% of all cores (everything here idle)"
+waited=0
+while [ "$BUSY_BEFORE" -gt 10 ] && [ "$waited" -lt "$WAIT_QUIET" ]; do
+    [ "$waited" = 0 ] && log "machine ${BUSY_BEFORE}% busy: waiting up to ${WAIT_QUIET} s for it to quieten"
+    BUSY_BEFORE=$(cpu_busy_pct)
+    waited=$((waited + 1))
+done
+log "machine before the measurements: ${BUSY_BEFORE}% of all cores (everything here idle)"
 [ "$BUSY_BEFORE" -gt 10 ] && log "WARNING: something else is using the CPU; expect noisy figures (see top)"
 
 # ------------------------------------------------------------------------------------------------------------
@@ -403,6 +419,19 @@ for c in $CONNS; do
     if [ "$PERF" = 1 ]; then log "c=$c: perf stat runs (${COUNT_DURATION} s each)"
     else log "c=$c: strace -f -c runs (${COUNT_DURATION} s each; perf is not available)"; fi
     for t in proxy nginx; do count "$t" "$c"; done
+    if [ "$PROFILE" = 1 ] && [ "$PERF" = 1 ] && [ "$c" = 16 ]; then
+        log "c=16: perf record of azure-proxy (${COUNT_DURATION} s)"
+        perf record -g -o "$WORK/perf.data" -p "$PROXY_PID" 2>"$WORK/perf-record.log" &
+        recorder=$!
+        PIDS+=("$recorder")
+        sleep 0.5
+        run_wrk proxy 16 "$COUNT_DURATION" "$WORK/profile-wrk.txt"
+        kill -INT "$recorder"
+        wait "$recorder" || true
+        perf report -i "$WORK/perf.data" --no-children --sort dso,sym --stdio 2>/dev/null |
+            grep -v '^#' | grep -E '^ +[0-9.]+%' | head -n 15 >"$WORK/profile-top.txt" || true
+        log_warnings "$PROXY_LOG" >/dev/null
+    fi
 done
 
 # ------------------------------------------------------------------------------------------------------------
@@ -445,6 +474,7 @@ json.dump({
     "open_duration_s": $OPEN_DURATION, "open_conns": $OPEN_CONNS, "open_skip_s": $OPEN_SKIP,
     "counter": "$([ "$PERF" = 1 ] && echo "perf stat -e raw_syscalls:sys_enter,context-switches" || echo "strace -f -c")",
     "cpu_busy_before_pct": $BUSY_BEFORE, "cpu_busy_after_pct": $(cpu_busy_pct),
+    "waited_for_quiet_s": $waited, "profile": $([ "$PROFILE" = 1 ] && echo True || echo False),
     "dns_server": "$DNS_IP:53", "names": "${NAMES[*]}", "nginx_start_dns_queries": $NGINX_START_QUERIES,
     "proxy_binary": "$PROXY_BIN",
     "git_commit": "$(git rev-parse --short HEAD 2>/dev/null || echo unknown)",
