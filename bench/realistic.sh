@@ -371,7 +371,9 @@ count() {
     if [ "$PERF" = 1 ]; then
         perf stat -x, -e raw_syscalls:sys_enter,context-switches -p "$pids" -o "$out.perf" &
     else
-        strace -f -c -o "$out.strace" -p "${pids//,/ -p }" 2>/dev/null &
+        local p_args=() p
+        for p in ${pids//,/ }; do p_args+=(-p "$p"); done
+        strace -f -c -o "$out.strace" "${p_args[@]}" 2>/dev/null &
     fi
     local tracer=$!
     PIDS+=("$tracer")
