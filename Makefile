@@ -5,7 +5,7 @@ MUSL_TARGET := x86_64-unknown-linux-musl
 VENV := target/venv
 PYTHON ?= python3
 
-.PHONY: help build static test e2e run demo bench bench-streams fuzz fmt lint clean
+.PHONY: help build static test e2e run demo bench bench-streams bench-realistic fuzz fmt lint clean
 
 help:
 	@echo "make build    release build: target/release/azure-proxy"
@@ -17,6 +17,8 @@ help:
 	@echo "make demo     a guided tour with two mock instances and curl (scripts/demo.sh)"
 	@echo "make bench    benchmark vs nginx: req/s, latency, SSE, memory, start-up -> bench/results/latest.md"
 	@echo "make bench-streams  only the concurrent SSE streams vs nginx -> bench/results/streams-latest.md"
+	@echo "make bench-realistic  HTTPS upstreams by host name via a local DNS server, nginx side by side (root)"
+	@echo "               -> bench/results/realistic-latest.md (BENCH_QUICK=1: a smoke run of about 40 s)"
 	@echo "make fuzz     cargo-fuzz every target for FUZZ_SECONDS (default 60) each; fails on a crash (fuzz/README.md)"
 	@echo "make stress   hostile clients: slowloris, huge heads, fd exhaustion, 100k IPs -> stress/results/latest.md"
 	@echo "make soak     SOAK_SECONDS=$(SOAK_SECONDS) s of mixed load: RSS, fds, every response accounted for"
@@ -59,13 +61,19 @@ run:
 demo:
 	bash scripts/demo.sh
 
-# Knobs: BENCH_DURATION (s, default 5), BENCH_ROUNDS (3), BENCH_CONNS ("1 16 64"); see bench/README.md.
+# Knobs: BENCH_DURATION (s, default 5), BENCH_ROUNDS (3), BENCH_CONNS ("1 16 64"), BENCH_SCENARIOS ("load realistic
+# streams"); see bench/README.md.
 bench:
 	BENCH_COMMAND="make bench" bash bench/run.sh
 
 # Knobs: BENCH_STREAM_NS ("500 1000 2000"), BENCH_STREAMS_BURST (2000), BENCH_STREAMS_10K (0), BENCH_STREAMS_SETTLE (60).
 bench-streams:
 	BENCH_COMMAND="make bench-streams" bash bench/streams.sh
+
+# About 4 minutes (needs root). Knobs: BENCH_DURATION/ROUNDS/CONNS/WARMUP as above, BENCH_RATES ("1000 5000 10000"),
+# BENCH_OPEN_DURATION (8), BENCH_OPEN_CONNS (32), BENCH_COUNT_DURATION (3), BENCH_QUICK=1 (smoke run).
+bench-realistic:
+	BENCH_COMMAND="make bench-realistic" bash bench/realistic.sh
 
 # Fuzzing with cargo-fuzz on stable Rust (RUSTC_BOOTSTRAP=1 lets it use -Zsanitizer=address). Each target starts from
 # a scratch copy of its committed seeds under fuzz/target/ (ignored), so new corpus entries never dirty the tree.

@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Shell helpers shared by bench/run.sh and bench/streams.sh (sourced, not run; they call the script's `log`).
 
 wait_for() { # wait_for LOGFILE TEXT PID: at most 15 s until TEXT appears in LOGFILE

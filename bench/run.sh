@@ -6,22 +6,34 @@
 # BENCH_WARMUP (s per target before each concurrency, 1), BENCH_PORT_BASE (23100), BENCH_UPSTREAM_WORKERS (auto),
 # BENCH_STREAM_REPS (10), BENCH_STREAMS (256), BENCH_STARTUP_REPS (5), BENCH_STATIC_REBUILD (0),
 # BENCH_PROXY_BIN / BENCH_MOCK_BIN (benchmark these binaries instead of building target/release/...),
-# BENCH_SCENARIOS ("load streams": "load" is everything above, "streams" the concurrent streams of bench/streams.sh
-# with its own BENCH_STREAM* knobs).
+# BENCH_SCENARIOS ("load realistic streams": "load" is everything above, "realistic" the HTTPS-by-name comparison of
+# bench/realistic.sh (root only; the same BENCH_DURATION/ROUNDS/CONNS/WARMUP, its own BENCH_RATES etc.), "streams"
+# the concurrent streams of bench/streams.sh with its own BENCH_STREAM* knobs).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 
-SCENARIOS="${BENCH_SCENARIOS:-load streams}"
+SCENARIOS="${BENCH_SCENARIOS:-load realistic streams}"
 for s in $SCENARIOS; do
-    [[ "$s" =~ ^(load|streams)$ ]] || { echo "bench: BENCH_SCENARIOS lists load and/or streams, got '$s'" >&2; exit 2; }
+    [[ "$s" =~ ^(load|realistic|streams)$ ]] ||
+        { echo "bench: BENCH_SCENARIOS lists load, realistic and/or streams, got '$s'" >&2; exit 2; }
 done
 has_scenario() { [[ " $SCENARIOS " == *" $1 "* ]]; }
+# realistic.sh needs root (a DNS server on port 53, a mount namespace): without it that part is skipped, loudly.
+run_realistic() {
+    if [ "$(id -u)" != 0 ]; then
+        echo "bench: skipping the realistic mode (bench/realistic.sh needs root)" >&2
+        return 0
+    fi
+    BENCH_COMMAND="${BENCH_COMMAND:-bash bench/run.sh}" bash bench/realistic.sh
+}
 if ! has_scenario load; then
-    # Streams only: bench/results/latest.{md,json} (the load figures) stay as they are.
-    has_scenario streams || { echo "bench: BENCH_SCENARIOS is empty" >&2; exit 2; }
-    exec bash bench/streams.sh
+    # No load part: bench/results/latest.{md,json} (the load figures) stay as they are.
+    [ -n "${SCENARIOS// /}" ] || { echo "bench: BENCH_SCENARIOS is empty" >&2; exit 2; }
+    if has_scenario realistic; then run_realistic; fi
+    if has_scenario streams; then exec bash bench/streams.sh; fi
+    exit 0
 fi
 
 DURATION="${BENCH_DURATION:-5}"
@@ -455,6 +467,11 @@ json.dump(meta, open(sys.argv[1], "w"), indent=2)
 EOF
 
 cleanup
+if has_scenario realistic; then
+    # After the load processes are gone, before the streams; its report is bench/results/realistic-latest.md.
+    log "realistic mode (bench/realistic.sh): HTTPS upstreams by name, nginx side by side"
+    BENCH_PROXY_BIN="$PROXY_BIN" run_realistic >/dev/null
+fi
 streams_args=()
 if has_scenario streams; then
     # After the load processes are gone, so that the two parts never share the cores. The binaries just built.
