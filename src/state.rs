@@ -21,8 +21,7 @@ use crate::upstream::agents::{agent_settings, Agents};
 pub struct State {
     pub config: Config,
     /// The upstream agents: their connection pools are shared, so upstream TCP/TLS connections are reused across
-    /// workers. `agents.small` carries every request whose head fits its small output buffer (nearly all);
-    /// `agents.large` the rest. See `Agents`.
+    /// workers; one pair of agents per instance (see `Agents`).
     pub agents: Agents,
     pub balancer: Balancer,
     pub guard: Guard,

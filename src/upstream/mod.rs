@@ -132,7 +132,7 @@ fn run<B: AsSendBody>(
     req: http::Request<B>,
 ) -> Result<http::Response<ureq::Body>, ureq::Error> {
     let inst = &state.config.instances[idx];
-    let agent = state.agents.for_head(head_len(&req));
+    let agent = state.agents.get(idx, head_len(&req));
     if !inst.has_timeout_overrides() {
         return agent.run(req);
     }
