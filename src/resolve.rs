@@ -21,8 +21,6 @@ use ureq::http::Uri;
 use ureq::unversioned::resolver::{DefaultResolver, ResolvedSocketAddrs, Resolver};
 use ureq::unversioned::transport::{ConnectionDetails, Connector, NextTimeout, Transport};
 
-use crate::transport::Upstream;
-
 /// Hosts kept at most. The hosts are the configured instances' (and the egress proxy's), so this is only a
 /// bound against a configuration with thousands of endpoints; past it the least recently used host is dropped.
 pub const MAX_HOSTS: usize = 256;
@@ -326,21 +324,22 @@ impl fmt::Debug for DnsCache {
     }
 }
 
-/// The upstream connector (`transport`: TCP, rustls, CONNECT proxy), plus one thing: a failed connect makes the cache refresh that host's addresses. ureq
-/// gives the resolver no word about connects, so this is where the failure is seen.
+/// An upstream connector (`transport::Upstream`: TCP, rustls, CONNECT proxy), plus one thing: a failed connect
+/// makes the cache refresh that host's addresses. ureq gives the resolver no word about connects, so this is
+/// where the failure is seen.
 #[derive(Debug)]
-pub struct RefreshOnFailure {
-    inner: Upstream,
+pub struct RefreshOnFailure<C> {
+    inner: C,
     dns: DnsCache,
 }
 
-impl RefreshOnFailure {
-    pub fn new(inner: Upstream, dns: DnsCache) -> RefreshOnFailure {
+impl<C> RefreshOnFailure<C> {
+    pub fn new(inner: C, dns: DnsCache) -> RefreshOnFailure<C> {
         RefreshOnFailure { inner, dns }
     }
 }
 
-impl Connector<()> for RefreshOnFailure {
+impl<C: Connector<(), Out = Box<dyn Transport>>> Connector<()> for RefreshOnFailure<C> {
     type Out = Box<dyn Transport>;
 
     fn connect(&self, details: &ConnectionDetails, chained: Option<()>) -> Result<Option<Self::Out>, ureq::Error> {

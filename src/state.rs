@@ -16,7 +16,7 @@ use crate::metrics::Metrics;
 use crate::quota::Quotas;
 use crate::redact::Secrets;
 use crate::resolve::DnsCache;
-use crate::upstream::agents::{agent_settings, Agents};
+use crate::transport::agents::{agent_settings, Agents};
 
 pub struct State {
     pub config: Config,

@@ -16,7 +16,7 @@ use ureq::Agent;
 pub use cell::TokenCell;
 
 use crate::config::{Config, Credential};
-use crate::upstream::agents::egress_proxy;
+use crate::transport::agents::egress_proxy;
 
 /// How long one token request may take in all.
 const TOKEN_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);

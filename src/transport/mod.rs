@@ -22,6 +22,7 @@
 //! `http://` egress proxies), do happy-eyeballs (addresses are tried in order, as ureq does), or send TLS
 //! `close_notify` when a connection is dropped (ureq does not either).
 
+pub mod agents;
 mod tcp;
 mod tls;
 

@@ -3,10 +3,10 @@
 
 use ureq::Agent;
 
+use super::{TlsClient, Upstream};
 use crate::config::{Config, EgressProxy};
 use crate::error::Error;
 use crate::resolve::{DnsCache, RefreshOnFailure};
-use crate::transport::{TlsClient, Upstream};
 
 /// ureq's input buffer per upstream connection: it holds a response head (it grows by itself for a larger one)
 /// and each piece of body handed over. 4 KiB: an SSE event is well under 1 KiB. (ureq grows it to 10 KiB while it

@@ -2,8 +2,6 @@
 //! instance's endpoint, its deployment name, its pinned api-version), how it is sent (ureq, per-instance
 //! timeouts), and how its failures and retry hints are read back.
 
-pub mod agents;
-
 use std::borrow::Cow;
 use std::io::{self, Read};
 use std::time::{Duration, SystemTime};
