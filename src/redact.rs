@@ -10,7 +10,7 @@
 const MASK: &[u8] = b"[REDACTED]";
 
 /// The secrets, longest first (a key that contains another is masked whole).
-#[derive(Default)]
+#[derive(Default, Clone)]
 pub struct Secrets {
     keys: Vec<String>,
 }
@@ -21,6 +21,13 @@ impl Secrets {
         keys.sort_by_key(|k| std::cmp::Reverse(k.len()));
         keys.dedup();
         Secrets { keys }
+    }
+
+    /// These secrets and `extra` (an Entra ID token, known only at run time).
+    pub fn with_extra(&self, extra: &str) -> Secrets {
+        let mut keys = self.keys.clone();
+        keys.push(extra.to_string());
+        Secrets::new(keys)
     }
 
     /// The longest secret's length (0 when there is none).

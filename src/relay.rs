@@ -161,7 +161,8 @@ impl Run<'_> {
                 if !RETRYABLE.contains(&status) || (last && is_unanimous_client_error(status, attempts)) {
                     return Step::Answer(resp);
                 }
-                let snippet = state.error_excerpt(error_snippet(resp, state.error_read_bytes()));
+                let secrets = state.secrets_for(idx);
+                let snippet = state.error_excerpt(&secrets, error_snippet(resp, state.error_read_bytes(&secrets)));
                 log::warn!(
                     "{rid} attempt {nth}/{total} instance={} status={status} elapsed_ms={} body={snippet:?}",
                     inst.name,
@@ -173,7 +174,7 @@ impl Run<'_> {
             }
             Err(e) => {
                 let (kind, detail) = classify(&e);
-                let detail = state.redact(&detail);
+                let detail = state.secrets_for(idx).redact(&detail);
                 if kind == FailureKind::Request {
                     // The same request would fail the same way on every instance, and none of them is to blame.
                     state.balancer.release(idx);
@@ -231,13 +232,14 @@ impl Run<'_> {
     ) -> Relayed {
         let state = self.state;
         let inst = &state.config.instances[idx];
+        let secrets = state.secrets_for(idx);
         let tally = Tally {
             metrics: &state.metrics,
             instance: &inst.name,
             deployment: self.ex.deployment.as_deref(),
             started: self.ex.started,
             write_limit: state.config.client_write_timeout,
-            secrets: &state.secrets,
+            secrets: &secrets,
             caller: self.ex.caller,
         };
         let mut relayed = stream_response(resp, self.ex, client, persist, tally);

@@ -2,6 +2,7 @@
 //! current `State` and swaps it whole on a reload, so a request in flight keeps the `State` it started with
 //! (an `Arc`), and the next request sees the new one.
 
+use std::borrow::Cow;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 
@@ -115,26 +116,30 @@ impl State {
         }
     }
 
-    /// How much of an upstream error body to read for the log: the logged length plus the longest key, so that
-    /// a key straddling the cut is read whole and redacted, not half-logged.
-    pub fn error_read_bytes(&self) -> usize {
-        self.config.error_body_max_bytes + self.secrets.longest()
+    /// The secrets to scrub from what instance `idx` sends back: every configured key, and for an instance with
+    /// Entra ID its current token (an upstream or an egress proxy may echo the `Authorization` it received).
+    pub fn secrets_for(&self, idx: usize) -> Cow<'_, Secrets> {
+        match self.tokens.for_instance(idx).and_then(|cell| cell.current_token()) {
+            Some(token) => Cow::Owned(self.secrets.with_extra(&token)),
+            None => Cow::Borrowed(&self.secrets),
+        }
     }
 
-    /// An upstream error body as it may be logged: keys redacted first, then cut at `error_body_max_bytes`.
-    pub fn error_excerpt(&self, body: String) -> String {
-        let mut clean = self.redact(&body);
+    /// How much of an upstream error body to read for the log: the logged length plus the longest secret, so
+    /// that a secret straddling the cut is read whole and redacted, not half-logged.
+    pub fn error_read_bytes(&self, secrets: &Secrets) -> usize {
+        self.config.error_body_max_bytes + secrets.longest()
+    }
+
+    /// An upstream error body as it may be logged: `secrets` redacted first, then cut at `error_body_max_bytes`.
+    pub fn error_excerpt(&self, secrets: &Secrets, body: String) -> String {
+        let mut clean = secrets.redact(&body);
         let mut cut = self.config.error_body_max_bytes.min(clean.len());
         while !clean.is_char_boundary(cut) {
             cut -= 1;
         }
         clean.truncate(cut);
         clean
-    }
-
-    /// `text` with every configured key replaced by `[REDACTED]`.
-    pub fn redact(&self, text: &str) -> String {
-        self.secrets.redact(text)
     }
 }
 

@@ -334,3 +334,45 @@ fn no_token_secret_or_assertion_reaches_the_log() {
         assert!(!log.contains(secret), "{secret} in the log:\n{log}");
     }
 }
+
+/// An instance that echoes the `Authorization` it received, as a debugging upstream or an egress proxy might:
+/// in a header and in the body of a `status` answer.
+fn echoing_instance(status: u16) -> MockAzure {
+    MockAzure::start(move |r: &Recorded| {
+        let auth = r.header("authorization").unwrap_or_default().to_string();
+        Reply::json(status, json!({"error": {"code": "Echo", "message": format!("you sent {auth}")}}))
+            .with_header("x-echo", &auth)
+    })
+}
+
+#[test]
+fn a_token_an_instance_echoes_is_masked_in_the_answer_and_redacted_in_the_log() {
+    let tokens = TokenServer::start(3600, "expires_in");
+    let auth =
+        json!({"type": "client_secret", "tenant_id": "t", "client_id": "c", "authority_host": tokens.mock.url()});
+    let vars = env(&[("AZURE_CLIENT_SECRET", "sp-s3cret-value")]);
+    // A 400 is relayed: its header and body reach the client with the token masked (same length).
+    let relayed = echoing_instance(400);
+    let p = proxy::start_with_env(vec![keyless(&relayed.url(), "kl", auth.clone())], json!({}), &vars);
+    let r = chat(&p);
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert_eq!(relayed.last_request().unwrap().header("authorization"), Some("Bearer tok-1-zq9"), "it was sent");
+    // A secret shorter than "[REDACTED]" is masked with as many '*'.
+    assert!(!r.text().contains("tok-1-zq9") && r.text().contains("Bearer *********"), "{}", r.text());
+    let echoed = r.header("x-echo").unwrap_or_default();
+    assert!(!echoed.contains("tok-1-zq9") && echoed.len() == "Bearer tok-1-zq9".len(), "{echoed}");
+
+    // A 500 is retried and logged with an excerpt of its body: the token is redacted there (the real binary).
+    let logged = echoing_instance(500);
+    let config = json!({"instances": [keyless(&logged.url(), "kl", auth)], "client_keys": ["client-key"]});
+    let path = write_config("entra-echo.json", &config.to_string());
+    let p = Running::start(&path, &[("AZURE_CLIENT_SECRET", "sp-s3cret-value")]);
+    let r = call(p.addr, "POST", CHAT, &[("api-key", "client-key"), ("x-request-id", "echo-500")], b"{}");
+    assert_eq!(r.status, 502, "{}", r.text());
+    let lines = p.log_when(|l| l.contains("echo-500") && l.contains("status=500"));
+    let attempt =
+        lines.iter().find(|l| l.contains("echo-500") && l.contains("status=500")).expect("the attempt's line");
+    assert!(attempt.contains("[REDACTED]"), "{attempt}");
+    let log = lines.join("\n");
+    assert!(!log.contains("zq9"), "a token in the log:\n{log}");
+}

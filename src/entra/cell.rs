@@ -165,6 +165,13 @@ impl TokenCell {
         }
     }
 
+    /// The current token itself (no `Bearer `), for scrubbing echoes of it from upstream answers; never logged.
+    pub fn current_token(&self) -> Option<String> {
+        let slot = self.lock();
+        let value = slot.token.as_ref()?.header.to_str().ok()?;
+        value.strip_prefix("Bearer ").map(str::to_string)
+    }
+
     /// Whether the instance has a token to send now.
     pub fn usable(&self) -> bool {
         let now = Instant::now();
