@@ -249,7 +249,7 @@ impl Pool {
         let Job { mut conn, mut head, queued_at } = job;
         let state = self.shared.state();
         if queued_at.elapsed() > state.config.queue_timeout {
-            refuse_queued(&state, conn, &head);
+            refuse_queued(&state, conn, &head, queued_at);
             return;
         }
         loop {

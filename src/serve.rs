@@ -218,12 +218,56 @@ fn within_key_limits(
 
 /// A request that waited in the queue longer than `queue_timeout` (every worker busy): 503 + `Retry-After`, and
 /// the connection closes (its body, if any, was never read). Never served late.
-pub fn refuse_queued(state: &State, mut conn: Conn, head: &Head) {
+pub fn refuse_queued(state: &State, conn: Conn, head: &Head, queued_at: Instant) {
+    refuse_busy(state, conn, head, queued_at, Busy::QueueTimeout);
+}
+
+/// Why a request was turned away for lack of a worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Busy {
+    /// Every worker busy and the queue full when the head arrived.
+    QueueFull,
+    /// Waited `queue_timeout` in the queue.
+    QueueTimeout,
+}
+
+/// A request no worker can take: 503 + `Retry-After`, the connection closed (its body, if any, was never read),
+/// counted as shed, and logged like every other request (a WARN line and its access line).
+pub fn refuse_busy(state: &State, mut conn: Conn, head: &Head, queued_at: Instant, why: Busy) {
     state.metrics.shed.fetch_add(1, Ordering::Relaxed);
     let rid = request_id::accept_or_generate(head.header("x-request-id"));
-    let waited = state.config.queue_timeout.as_millis();
-    log::warn!("{rid} all {} workers busy for queue_timeout_ms={waited}; answering 503", state.config.workers);
+    let workers = state.config.workers;
+    let note = match why {
+        Busy::QueueFull => {
+            log::warn!("{rid} all {workers} workers busy and the queue full; answering 503");
+            "queue_full"
+        }
+        Busy::QueueTimeout => {
+            let waited = state.config.queue_timeout.as_millis();
+            log::warn!("{rid} all {workers} workers busy for queue_timeout_ms={waited}; answering 503");
+            "queue_timeout"
+        }
+    };
     let msg = "every worker is busy; retry shortly";
-    let _ = respond_error(&mut conn.stream, &rid, 503, "server_error", msg, &[("Retry-After", "1")], Persist::Close);
+    let relayed =
+        respond_error(&mut conn.stream, &rid, 503, "server_error", msg, &[("Retry-After", "1")], Persist::Close);
     let _ = conn.stream.tcp().shutdown(std::net::Shutdown::Write);
+    let forwarded = head.headers.iter().filter(|(n, _)| n == "x-forwarded-for").map(|(_, v)| v.as_slice());
+    let client = client_ip::client_ip(conn.peer.ip(), forwarded, &state.config.trusted_proxies);
+    let took = queued_at.elapsed();
+    state.metrics.request(metrics::route_class(head.path()), 503, "-", took);
+    let entry = access_log::Entry {
+        request_id: &rid,
+        client,
+        client_name: "-",
+        method: &head.method,
+        path: head.path(),
+        status: 503,
+        instance: None,
+        attempts: 0,
+        duration: took,
+        bytes: relayed.bytes,
+        note: Some(note),
+    };
+    access_log::write(&entry, state.config.access_log_json);
 }

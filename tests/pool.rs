@@ -10,6 +10,7 @@ use std::time::Duration;
 use crate::support::client::{call, Client};
 use crate::support::eventually;
 use crate::support::mock::{MockAzure, Recorded, Reply};
+use crate::support::process::{write_config, Running};
 use crate::support::proxy::{self, CHAT};
 use serde_json::json;
 
@@ -72,9 +73,11 @@ fn with_the_default_pool_stream_200_starts_while_stream_1_is_still_open() {
 fn when_every_worker_is_busy_a_request_gets_503_after_queue_timeout_not_after_a_stream() {
     let gates = Arc::new(Mutex::new(Vec::new()));
     let m = gated_streams(Arc::clone(&gates));
+    // The admin endpoints on their own listener: /metrics must answer while every worker is busy.
+    let admin = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port");
     let p = proxy::start_with(
         proxy::instances_for(&[&m]),
-        json!({"workers": 2, "idle_workers": 2, "queue_timeout_ms": 300}),
+        json!({"workers": 2, "idle_workers": 2, "queue_timeout_ms": 300, "admin_listen": admin.to_string()}),
     );
     let mut held: Vec<Client> = (0..2).map(|_| open_stream(p.addr)).collect();
     for c in &mut held {
@@ -84,6 +87,9 @@ fn when_every_worker_is_busy_a_request_gets_503_after_queue_timeout_not_after_a_
     assert_eq!(r.status, 503, "{}", r.text());
     assert_eq!(r.header("retry-after"), Some("1"));
     assert_eq!(r.json()["error"]["type"], "server_error");
+    // Counted like any other answered request (and logged with an access line, note=queue_timeout).
+    let refused = r#"azure_proxy_requests_total{route="chat",status="503",client="-"}"#;
+    eventually("the 503 is counted", || metric(admin, refused) == 1);
     // Answered while both streams are still open (their gates are shut), and never sent upstream.
     assert_eq!(gates.lock().expect("gates").len(), 2);
     assert_eq!(m.hits(), 2);
@@ -130,5 +136,40 @@ fn idle_workers_exit_down_to_idle_workers_and_come_back_on_demand() {
     for c in &mut again {
         first_event(c);
     }
+    gates.lock().expect("gates").clear();
+}
+
+#[test]
+fn requests_turned_away_for_lack_of_a_worker_get_an_access_line() {
+    let gates = Arc::new(Mutex::new(Vec::new()));
+    let m = gated_streams(Arc::clone(&gates));
+    let admin = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port");
+    let config = json!({
+        "instances": [proxy::instance(&m.url(), "key0", "m0")],
+        "client_keys": ["client-key"],
+        "queue_size": 1,
+        "queue_timeout_ms": 1000,
+        "admin_listen": admin.to_string(),
+    });
+    let path = write_config("pool-access-lines.json", &config.to_string());
+    // `Running::start` passes --workers 4: four streams, opened one after the other, hold every worker.
+    let p = Running::start(&path, &[]);
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        let mut c = open_stream(p.addr);
+        first_event(&mut c);
+        held.push(c);
+    }
+    // One waits in the queue (and times out there); the next finds the queue full.
+    let mut waiting = Client::connect(p.addr);
+    waiting.send("POST", CHAT, &[("api-key", "client-key"), ("x-request-id", "queued-one")], b"{}");
+    eventually("the first waits in the queue", || metric(admin, "azure_proxy_queue_depth") == 1);
+    let full = call(p.addr, "POST", CHAT, &[("api-key", "client-key"), ("x-request-id", "full-one")], b"{}");
+    assert_eq!(full.status, 503, "{}", full.text());
+    assert_eq!(waiting.read_response(false).expect("503 after the queue wait").status, 503);
+    let line = p.access_line("full-one");
+    assert!(line.contains(" status=503 ") && line.contains(" note=queue_full"), "{line}");
+    let line = p.access_line("queued-one");
+    assert!(line.contains(" status=503 ") && line.contains(" note=queue_timeout"), "{line}");
     gates.lock().expect("gates").clear();
 }

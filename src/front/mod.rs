@@ -25,7 +25,7 @@ use crate::http::write::Persist;
 use crate::http::{Conn, Head};
 use crate::pool::{Job, Pool, Returner};
 use crate::request_id;
-use crate::serve::refuse_queued;
+use crate::serve::{refuse_busy, refuse_queued, Busy};
 use crate::state::Shared;
 
 mod accept;
@@ -264,9 +264,7 @@ impl Front {
             }
             Err(TrySendError::Full(job)) => {
                 let state = self.shared.state();
-                state.metrics.shed.fetch_add(1, Ordering::Relaxed);
-                log::warn!("all {} workers busy and queue full; answering 503", state.config.workers);
-                canned(job.conn, 503, "the proxy is at capacity; retry shortly", &[("Retry-After", "1")]);
+                refuse_busy(&state, job.conn, &job.head, job.queued_at, Busy::QueueFull);
             }
             Err(TrySendError::Disconnected(_)) => {}
         }
@@ -292,7 +290,7 @@ impl Front {
             if job.queued_at.elapsed() >= timeout {
                 let state = self.shared.state();
                 let _ = job.conn.stream.tcp().set_nonblocking(true);
-                refuse_queued(&state, job.conn, &job.head);
+                refuse_queued(&state, job.conn, &job.head, job.queued_at);
             } else {
                 // A younger job than the one timed (a worker took that one in between): back in the queue.
                 self.enqueue(job);
