@@ -25,7 +25,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use crate::http::parse::parse_head;
 use crate::http::{Conn, Head};
 use crate::metrics::WorkerGauges;
-use crate::serve::{refuse_queued, serve};
+use crate::serve::{refuse_busy, serve, Busy};
 use crate::state::{Shared, State};
 
 /// A request ready for a worker: the connection (its buffer holds what followed the head) and the parsed head.
@@ -249,7 +249,7 @@ impl Pool {
         let Job { mut conn, mut head, queued_at } = job;
         let state = self.shared.state();
         if queued_at.elapsed() > state.config.queue_timeout {
-            refuse_queued(&state, conn, &head, queued_at);
+            refuse_busy(&state, conn, &head, queued_at, Busy::QueueTimeout);
             return;
         }
         loop {

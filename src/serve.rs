@@ -5,7 +5,7 @@
 use std::io::Write;
 use std::net::IpAddr;
 use std::sync::atomic::Ordering;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::access_log;
 use crate::admin;
@@ -35,17 +35,31 @@ pub fn serve(state: &State, mut conn: Conn, head: Head, draining: bool) -> Optio
     let http10 = head.minor_version == 0;
     let persist = if wants_keep_alive { Persist::KeepAlive { http10 } } else { Persist::Close };
 
-    let forwarded = head.headers.iter().filter(|(n, _)| n == "x-forwarded-for").map(|(_, v)| v.as_slice());
-    let client = client_ip::client_ip(conn.peer.ip(), forwarded, &state.config.trusted_proxies);
+    let client = client_of(state, &conn, &head);
     state.metrics.in_flight.fetch_add(1, Ordering::Relaxed);
     let (relayed, caller) = handle(state, &mut conn, &head, &rid, client, persist, started);
     state.metrics.in_flight.fetch_sub(1, Ordering::Relaxed);
-    let took = started.elapsed();
-    state.metrics.request(metrics::route_class(head.path()), relayed.status, caller.name, took);
+    record(state, &head, &rid, client, caller.name, &relayed, started.elapsed());
+    if relayed.reusable && wants_keep_alive {
+        Some(conn)
+    } else {
+        None
+    }
+}
+
+/// The client's address: the peer, or the last untrusted `X-Forwarded-For` hop behind `trusted_proxies`.
+fn client_of(state: &State, conn: &Conn, head: &Head) -> IpAddr {
+    let forwarded = head.headers.iter().filter(|(n, _)| n == "x-forwarded-for").map(|(_, v)| v.as_slice());
+    client_ip::client_ip(conn.peer.ip(), forwarded, &state.config.trusted_proxies)
+}
+
+/// Counts an answered request and writes its access line.
+fn record(state: &State, head: &Head, rid: &str, client: IpAddr, client_name: &str, relayed: &Relayed, took: Duration) {
+    state.metrics.request(metrics::route_class(head.path()), relayed.status, client_name, took);
     let entry = access_log::Entry {
-        request_id: &rid,
+        request_id: rid,
         client,
-        client_name: caller.name,
+        client_name,
         method: &head.method,
         path: head.path(),
         status: relayed.status,
@@ -56,11 +70,6 @@ pub fn serve(state: &State, mut conn: Conn, head: Head, draining: bool) -> Optio
         note: relayed.note,
     };
     access_log::write(&entry, state.config.access_log_json);
-    if relayed.reusable && wants_keep_alive {
-        Some(conn)
-    } else {
-        None
-    }
 }
 
 /// Answers the request; also says who sent it, as far as the key check got.
@@ -216,18 +225,12 @@ fn within_key_limits(
     Ok(())
 }
 
-/// A request that waited in the queue longer than `queue_timeout` (every worker busy): 503 + `Retry-After`, and
-/// the connection closes (its body, if any, was never read). Never served late.
-pub fn refuse_queued(state: &State, conn: Conn, head: &Head, queued_at: Instant) {
-    refuse_busy(state, conn, head, queued_at, Busy::QueueTimeout);
-}
-
 /// Why a request was turned away for lack of a worker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Busy {
     /// Every worker busy and the queue full when the head arrived.
     QueueFull,
-    /// Waited `queue_timeout` in the queue.
+    /// Waited `queue_timeout` in the queue (never served late).
     QueueTimeout,
 }
 
@@ -249,25 +252,10 @@ pub fn refuse_busy(state: &State, mut conn: Conn, head: &Head, queued_at: Instan
         }
     };
     let msg = "every worker is busy; retry shortly";
-    let relayed =
+    let mut relayed =
         respond_error(&mut conn.stream, &rid, 503, "server_error", msg, &[("Retry-After", "1")], Persist::Close);
     let _ = conn.stream.tcp().shutdown(std::net::Shutdown::Write);
-    let forwarded = head.headers.iter().filter(|(n, _)| n == "x-forwarded-for").map(|(_, v)| v.as_slice());
-    let client = client_ip::client_ip(conn.peer.ip(), forwarded, &state.config.trusted_proxies);
-    let took = queued_at.elapsed();
-    state.metrics.request(metrics::route_class(head.path()), 503, "-", took);
-    let entry = access_log::Entry {
-        request_id: &rid,
-        client,
-        client_name: "-",
-        method: &head.method,
-        path: head.path(),
-        status: 503,
-        instance: None,
-        attempts: 0,
-        duration: took,
-        bytes: relayed.bytes,
-        note: Some(note),
-    };
-    access_log::write(&entry, state.config.access_log_json);
+    relayed.note = Some(note);
+    let client = client_of(state, &conn, head);
+    record(state, head, &rid, client, Caller::UNKNOWN.name, &relayed, queued_at.elapsed());
 }

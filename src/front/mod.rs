@@ -25,7 +25,7 @@ use crate::http::write::Persist;
 use crate::http::{Conn, Head};
 use crate::pool::{Job, Pool, Returner};
 use crate::request_id;
-use crate::serve::{refuse_busy, refuse_queued, Busy};
+use crate::serve::{refuse_busy, Busy};
 use crate::state::Shared;
 
 mod accept;
@@ -290,7 +290,7 @@ impl Front {
             if job.queued_at.elapsed() >= timeout {
                 let state = self.shared.state();
                 let _ = job.conn.stream.tcp().set_nonblocking(true);
-                refuse_queued(&state, job.conn, &job.head, job.queued_at);
+                refuse_busy(&state, job.conn, &job.head, job.queued_at, Busy::QueueTimeout);
             } else {
                 // A younger job than the one timed (a worker took that one in between): back in the queue.
                 self.enqueue(job);
