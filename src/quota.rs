@@ -38,10 +38,6 @@ struct Bucket {
 }
 
 impl Bucket {
-    fn full(per_minute: u64, now: Instant) -> Bucket {
-        Bucket { per_minute: per_minute as f64, level: per_minute as f64, at: now }
-    }
-
     fn refill(&mut self, now: Instant) {
         let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
         self.level = (self.level + elapsed * self.per_minute / 60.0).min(self.per_minute);
@@ -54,41 +50,29 @@ impl Bucket {
         (secs.ceil() as u64).max(1)
     }
 
-    /// A new limit keeps the level (up to the new allowance): a reload must not hand out a fresh minute.
-    fn relimit(&mut self, per_minute: u64) {
-        self.per_minute = per_minute as f64;
-        self.level = self.level.min(self.per_minute);
+    /// The bucket for `limit`: `old` with the new limit, keeping its level (up to the new allowance: a reload
+    /// must not hand out a fresh minute), or a full one when there was none; none without a limit.
+    fn relimited(old: Option<Bucket>, limit: Option<u64>, now: Instant) -> Option<Bucket> {
+        let per_minute = limit? as f64;
+        Some(match old {
+            Some(b) => Bucket { per_minute, level: b.level.min(per_minute), at: b.at },
+            None => Bucket { per_minute, level: per_minute, at: now },
+        })
     }
 }
 
 impl Quota {
     fn new(key: &ClientKey) -> Quota {
-        let now = Instant::now();
-        Quota {
-            buckets: Mutex::new(Buckets {
-                requests: key.requests_per_minute.map(|n| Bucket::full(u64::from(n), now)),
-                tokens: key.tokens_per_minute.map(|n| Bucket::full(n, now)),
-            }),
-        }
+        let quota = Quota { buckets: Mutex::new(Buckets { requests: None, tokens: None }) };
+        quota.relimit(key);
+        quota
     }
 
     fn relimit(&self, key: &ClientKey) {
         let now = Instant::now();
         let mut b = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
-        b.requests = match (b.requests.take(), key.requests_per_minute) {
-            (Some(mut old), Some(n)) => {
-                old.relimit(u64::from(n));
-                Some(old)
-            }
-            (_, n) => n.map(|n| Bucket::full(u64::from(n), now)),
-        };
-        b.tokens = match (b.tokens.take(), key.tokens_per_minute) {
-            (Some(mut old), Some(n)) => {
-                old.relimit(n);
-                Some(old)
-            }
-            (_, n) => n.map(|n| Bucket::full(n, now)),
-        };
+        b.requests = Bucket::relimited(b.requests.take(), key.requests_per_minute.map(u64::from), now);
+        b.tokens = Bucket::relimited(b.tokens.take(), key.tokens_per_minute, now);
     }
 
     /// Takes one request if both limits allow it now; otherwise takes nothing and says which limit and for how
