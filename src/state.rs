@@ -75,7 +75,6 @@ impl State {
             v.set_sensitive(true);
             instance_keys.push(Some(v));
         }
-        let tokens = Tokens::new(&config, previous.map(|p| &p.tokens));
         let secrets = Secrets::new(config.secrets());
         // The address cache outlives agents: a reload that rebuilds them must not look every host up again (and
         // fail every request if DNS is down at that moment).
@@ -100,6 +99,8 @@ impl State {
             Some(p) => Quotas::carry_over(&config.client_keys, &p.config.client_keys, &p.quotas),
             None => Quotas::new(&config.client_keys),
         };
+        // Last, after everything that can fail: new identities start fetching a token at once.
+        let tokens = Tokens::new(&config, previous.map(|p| &p.tokens));
         Ok(State { agents, balancer, metrics, quotas, guard, key_header, instance_keys, tokens, secrets, config })
     }
 
