@@ -63,8 +63,8 @@ fn scrape(state: &State) -> String {
 /// Entra ID identity's token state). An instance whose identity has no token and whose last token request
 /// failed is `no_token`.
 fn readiness(state: &State) -> (u16, serde_json::Value) {
-    let no_token =
-        |i: usize| state.tokens.for_instance(i).is_some_and(|c| !c.usable() && c.status().state == "failing");
+    // `failing` is only ever the state of an identity with no valid token.
+    let no_token = |i: usize| state.tokens.for_instance(i).is_some_and(|c| c.status().state == "failing");
     let instances: Vec<serde_json::Value> = state
         .balancer
         .snapshot()

@@ -172,12 +172,6 @@ impl TokenCell {
         value.strip_prefix("Bearer ").map(str::to_string)
     }
 
-    /// Whether the instance has a token to send now.
-    pub fn usable(&self) -> bool {
-        let now = Instant::now();
-        self.lock().token.as_ref().is_some_and(|t| now < t.expires)
-    }
-
     /// Starts a fetch on its own thread (the caller holds the slot and marks it refreshing); false if no thread
     /// could be started.
     fn spawn_fetch(self: &Arc<Self>) -> bool {
