@@ -4,26 +4,19 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::pki_types::{CertificateDer, ServerName};
 
-use crate::support::client::call;
+use crate::support::client::{call, read_request};
 use crate::support::mock::{azure_like, MockAzure, Recorded, Reply};
 use crate::support::proxy::{self, NoEnv, Proxy, CHAT};
+use crate::support::tls::{fixture, localhost_server_config, provider};
 use azure_proxy::config::{Config, Overrides};
-
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
-}
-
-fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
-}
 
 /// A TLS client that trusts only the private test CA.
 fn tls_connect(addr: SocketAddr) -> rustls::StreamOwned<rustls::ClientConnection, TcpStream> {
@@ -147,15 +140,7 @@ fn private_ca_upstream() -> (SocketAddr, Arc<AtomicUsize>) {
 /// An HTTPS server with the localhost certificate signed by the private test CA; answers every request 200 with
 /// the JSON `body`.
 fn private_ca_server(body: &'static [u8]) -> (SocketAddr, Arc<AtomicUsize>) {
-    let cert = CertificateDer::from_pem_file(fixture("localhost-cert.pem")).expect("cert");
-    let key = PrivateKeyDer::from_pem_file(fixture("localhost-key.pem")).expect("key");
-    let config = rustls::ServerConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
-        .expect("versions")
-        .with_no_client_auth()
-        .with_single_cert(vec![cert], key)
-        .expect("server config");
-    let config = Arc::new(config);
+    let config = localhost_server_config();
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = listener.local_addr().expect("addr");
     let served = Arc::new(AtomicUsize::new(0));
@@ -169,24 +154,8 @@ fn private_ca_server(body: &'static [u8]) -> (SocketAddr, Arc<AtomicUsize>) {
                 let mut tls = rustls::StreamOwned::new(conn, tcp);
                 // Read the whole request (head, then Content-Length bytes) before answering: closing with unread
                 // bytes would reset the connection and could destroy the answer in flight.
-                let mut req = Vec::new();
-                let mut buf = [0u8; 8192];
-                loop {
-                    let complete = crate::support::client::find(&req, b"\r\n\r\n").is_some_and(|end| {
-                        let head = String::from_utf8_lossy(&req[..end]).to_ascii_lowercase();
-                        let len = head
-                            .lines()
-                            .find_map(|l| l.strip_prefix("content-length:").and_then(|v| v.trim().parse().ok()))
-                            .unwrap_or(0usize);
-                        req.len() >= end + 4 + len
-                    });
-                    if complete {
-                        break;
-                    }
-                    match tls.read(&mut buf) {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => req.extend_from_slice(&buf[..n]),
-                    }
+                if read_request(&mut tls).is_none() {
+                    return;
                 }
                 count.fetch_add(1, Ordering::SeqCst);
                 let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n", body.len());

@@ -5,48 +5,20 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Condvar, Mutex};
 use std::thread;
 use std::time::Duration;
 
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::HandshakeKind;
 use serde_json::json;
 
-use crate::support::client::{call, find};
+use crate::support::client::{call, find, read_request, request_content_length};
 use crate::support::mock::{azure_like, MockAzure};
 use crate::support::proxy::{self, CHAT};
+use crate::support::tls::{fixture, localhost_server_config};
 
 const KEY: (&str, &str) = ("api-key", "client-key");
-
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
-}
-
-/// Reads one request (head, then `Content-Length` bytes) from `s`; `None` at EOF or on an error.
-fn read_request(s: &mut impl Read) -> Option<Vec<u8>> {
-    let mut req = Vec::new();
-    let mut buf = [0u8; 16 * 1024];
-    loop {
-        if let Some(end) = find(&req, b"\r\n\r\n") {
-            if req.len() >= end + 4 + content_length(&req[..end]) {
-                return Some(req);
-            }
-        }
-        match s.read(&mut buf) {
-            Ok(0) | Err(_) => return None,
-            Ok(n) => req.extend_from_slice(&buf[..n]),
-        }
-    }
-}
-
-fn content_length(head: &[u8]) -> usize {
-    let head = String::from_utf8_lossy(head).to_ascii_lowercase();
-    head.lines().find_map(|l| l.strip_prefix("content-length:").and_then(|v| v.trim().parse().ok())).unwrap_or(0)
-}
 
 /// A plain-HTTP upstream that runs `serve` on each accepted connection (on its own thread); counts connections.
 fn raw_upstream(serve: impl Fn(TcpStream) + Send + Sync + 'static) -> (SocketAddr, Arc<AtomicUsize>) {
@@ -91,7 +63,7 @@ fn the_request_head_and_a_small_body_arrive_in_one_read() {
         assert_eq!(r.status, 200, "{}", r.text());
         let got = rx.recv_timeout(Duration::from_secs(10)).expect("the upstream's read");
         let end = find(&got, b"\r\n\r\n").expect("the whole head in the first read");
-        assert_eq!(content_length(&got[..end]), body.len());
+        assert_eq!(request_content_length(&got[..end]), body.len());
         assert_eq!(&got[end + 4..], body.as_bytes(), "request {i}: the body came in the same read as the head");
     }
     // Mostly over one pooled connection; not asserted: the proxy puts it back only after it has relayed the
@@ -213,16 +185,7 @@ struct TlsUpstream {
 
 impl TlsUpstream {
     fn start(batch: Option<usize>) -> TlsUpstream {
-        let cert = CertificateDer::from_pem_file(fixture("localhost-cert.pem")).expect("cert");
-        let key = PrivateKeyDer::from_pem_file(fixture("localhost-key.pem")).expect("key");
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let config = rustls::ServerConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .expect("versions")
-            .with_no_client_auth()
-            .with_single_cert(vec![cert], key)
-            .expect("server config");
-        let config = Arc::new(config);
+        let config = localhost_server_config();
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
         let up =
             TlsUpstream { addr: listener.local_addr().expect("addr"), kinds: Arc::default(), bodies: Arc::default() };

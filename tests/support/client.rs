@@ -234,3 +234,27 @@ pub fn read_raw_head(s: &mut TcpStream) -> io::Result<(u16, String)> {
     let status = text.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
     Ok((status, text))
 }
+
+/// Reads one request (head, then `Content-Length` bytes) from `s`, for upstreams that must take a whole request
+/// before answering; `None` at EOF or on an error.
+pub fn read_request(s: &mut impl Read) -> Option<Vec<u8>> {
+    let mut req = Vec::new();
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        if let Some(end) = find(&req, b"\r\n\r\n") {
+            if req.len() >= end + 4 + request_content_length(&req[..end]) {
+                return Some(req);
+            }
+        }
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => req.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+/// The `Content-Length` of a request head, 0 without one.
+pub fn request_content_length(head: &[u8]) -> usize {
+    let head = String::from_utf8_lossy(head).to_ascii_lowercase();
+    head.lines().find_map(|l| l.strip_prefix("content-length:").and_then(|v| v.trim().parse().ok())).unwrap_or(0)
+}

@@ -9,6 +9,7 @@ pub mod dns;
 pub mod mock;
 pub mod process;
 pub mod proxy;
+pub mod tls;
 
 /// How long `eventually` waits: generous, since it is reached only when something is wrong.
 pub const EVENTUALLY: Duration = Duration::from_secs(20);
