@@ -234,7 +234,7 @@ def profile(meta, work):
     if not meta.get("profile") or not os.path.exists(path):
         return []
     lines = [line.rstrip() for line in read(path).splitlines() if line.strip()]
-    return ["## Where azure-proxy's CPU goes (16 connections)", "",
+    return [f"## Where azure-proxy's CPU goes ({meta.get('profile_conns', 16)} connections)", "",
             "`perf record -g -p PID` during one extra wrk run, then `perf report --no-children --sort dso,sym`: "
             "the 15 busiest symbols (self time).", "", "```", *lines, "```", ""]
 

@@ -11,7 +11,7 @@
 # (s per target before each concurrency, 1), BENCH_COUNT_DURATION (s of the extra run per target and concurrency
 # that perf stat counts, 3), BENCH_RATES (open loop, req/s: "1000 5000 10000"), BENCH_OPEN_DURATION (s per oha run,
 # 8), BENCH_WAIT_QUIET (s to wait for the machine to be under 10 % busy before measuring, 0), BENCH_PROFILE (1:
-# perf record azure-proxy during one extra run at 16 connections, top symbols in the report; builds a release
+# perf record azure-proxy during one extra run at BENCH_PROFILE_CONNS (16) connections, top symbols in the report; builds a release
 # binary with symbols unless BENCH_PROXY_BIN is given), BENCH_OPEN_CONNS (oha connections, 32), BENCH_OPEN_SKIP (s at the start of each oha run left out of its
 # percentiles: connection set-up, 1), BENCH_PERF (auto; 0: strace -f -c instead), BENCH_QUICK (1: a smoke
 # run of about 40 s), BENCH_PORT_BASE (23300), BENCH_PROXY_BIN (benchmark this binary instead of building).
@@ -36,6 +36,7 @@ OPEN_SKIP="${BENCH_OPEN_SKIP:-1}"
 PERF_MODE="${BENCH_PERF:-auto}"
 WAIT_QUIET="${BENCH_WAIT_QUIET:-0}"
 PROFILE="${BENCH_PROFILE:-0}"
+PROFILE_CONNS="${BENCH_PROFILE_CONNS:-16}"
 PORT_BASE="${BENCH_PORT_BASE:-23300}"
 COMMAND="${BENCH_COMMAND:-bash bench/realistic.sh}"
 
@@ -49,7 +50,7 @@ CHAT_PATH="/openai/deployments/gpt-4o/chat/completions?api-version=2024-06-01"
 REQUEST_BODY='{"messages":[{"role":"user","content":"hi"}]}'
 NAMES=(azure-a.bench azure-b.bench azure-c.bench)
 
-for v in DURATION ROUNDS WARMUP COUNT_DURATION OPEN_DURATION OPEN_CONNS OPEN_SKIP PORT_BASE WAIT_QUIET PROFILE; do
+for v in DURATION ROUNDS WARMUP COUNT_DURATION OPEN_DURATION OPEN_CONNS OPEN_SKIP PORT_BASE WAIT_QUIET PROFILE PROFILE_CONNS; do
     [[ "${!v}" =~ ^[0-9]+$ ]] || { echo "bench: BENCH_$v must be a whole number, got '${!v}'" >&2; exit 2; }
 done
 for n in $CONNS $RATES; do
@@ -421,13 +422,13 @@ for c in $CONNS; do
     if [ "$PERF" = 1 ]; then log "c=$c: perf stat runs (${COUNT_DURATION} s each)"
     else log "c=$c: strace -f -c runs (${COUNT_DURATION} s each; perf is not available)"; fi
     for t in proxy nginx; do count "$t" "$c"; done
-    if [ "$PROFILE" = 1 ] && [ "$PERF" = 1 ] && [ "$c" = 16 ]; then
-        log "c=16: perf record of azure-proxy (${COUNT_DURATION} s)"
+    if [ "$PROFILE" = 1 ] && [ "$PERF" = 1 ] && [ "$c" = "$PROFILE_CONNS" ]; then
+        log "c=$c: perf record of azure-proxy (${COUNT_DURATION} s)"
         perf record -g -o "$WORK/perf.data" -p "$PROXY_PID" 2>"$WORK/perf-record.log" &
         recorder=$!
         PIDS+=("$recorder")
         sleep 0.5
-        run_wrk proxy 16 "$COUNT_DURATION" "$WORK/profile-wrk.txt"
+        run_wrk proxy "$c" "$COUNT_DURATION" "$WORK/profile-wrk.txt"
         kill -INT "$recorder"
         wait "$recorder" || true
         perf report -i "$WORK/perf.data" --no-children --sort dso,sym --stdio 2>/dev/null |
@@ -476,7 +477,7 @@ json.dump({
     "open_duration_s": $OPEN_DURATION, "open_conns": $OPEN_CONNS, "open_skip_s": $OPEN_SKIP,
     "counter": "$([ "$PERF" = 1 ] && echo "perf stat -e raw_syscalls:sys_enter,context-switches" || echo "strace -f -c")",
     "cpu_busy_before_pct": $BUSY_BEFORE, "cpu_busy_after_pct": $(cpu_busy_pct),
-    "waited_for_quiet_s": $waited, "profile": $([ "$PROFILE" = 1 ] && echo True || echo False),
+    "waited_for_quiet_s": $waited, "profile": $([ "$PROFILE" = 1 ] && echo True || echo False), "profile_conns": $PROFILE_CONNS,
     "dns_server": "$DNS_IP:53", "names": "${NAMES[*]}", "nginx_start_dns_queries": $NGINX_START_QUERIES,
     "proxy_binary": "$PROXY_BIN",
     "git_commit": "$(git rev-parse --short HEAD 2>/dev/null || echo unknown)",
