@@ -17,7 +17,7 @@ use crate::metrics::Metrics;
 use crate::quota::Quotas;
 use crate::redact::Secrets;
 use crate::resolve::DnsCache;
-use crate::transport::agents::{agent_settings, Agents};
+use crate::transport::agents::{AgentSettings, Agents, Egress};
 
 pub struct State {
     pub config: Config,
@@ -84,7 +84,7 @@ impl State {
         };
         dns.set_refresh(config.dns_refresh);
         let agents = match previous {
-            Some(p) if agent_settings(&p.config) == agent_settings(&config) => p.agents.clone(),
+            Some(p) if AgentSettings::of(&p.config) == AgentSettings::of(&config) => p.agents.clone(),
             _ => Agents::new(&config, dns)?,
         };
         let balancer = match previous {
@@ -100,7 +100,8 @@ impl State {
             None => Quotas::new(&config.client_keys),
         };
         // Last, after everything that can fail: new identities start fetching a token at once.
-        let tokens = Tokens::new(&config, previous.map(|p| &p.tokens));
+        let kept = previous.map(|p| (&p.tokens, Egress::of(&p.config) == Egress::of(&config)));
+        let tokens = Tokens::new(&config, kept);
         Ok(State { agents, balancer, metrics, quotas, guard, key_header, instance_keys, tokens, secrets, config })
     }
 

@@ -186,6 +186,53 @@ fn ca_bundle_trusts_a_private_ca_for_upstreams() {
     assert_eq!(served.load(Ordering::SeqCst), 1);
 }
 
+#[test]
+fn a_reload_that_changes_ca_bundle_or_egress_proxy_reaches_the_instances_and_the_token_requests() {
+    let (upstream, served) = private_ca_upstream();
+    let (egress, seen) = connect_proxy();
+    let instance = proxy::instance(&format!("https://{upstream}"), "key0", "private");
+    let p = proxy::start_with(vec![instance.clone()], serde_json::json!({}));
+    let post = || call(p.addr, "POST", CHAT, &[("api-key", "client-key")], b"{}");
+    assert_eq!(post().status, 502, "the built-in roots do not know the private CA");
+    let reload =
+        |extra: serde_json::Value| p.server.reload(proxy::config_with_env(vec![instance.clone()], extra, &NoEnv));
+
+    // Before the fix, the agents (and their TLS client) were kept: still 502 after this reload.
+    reload(serde_json::json!({"ca_bundle": fixture("private-ca.pem")})).expect("reloads");
+    assert_eq!(post().status, 200, "the new ca_bundle is trusted");
+    reload(serde_json::json!({"ca_bundle": fixture("private-ca.pem"), "egress_proxy": format!("http://{egress}")}))
+        .expect("reloads");
+    assert_eq!(post().status, 200);
+    assert_eq!(seen.lock().expect("log").clone(), [format!("CONNECT {upstream} HTTP/1.1")], "through the new proxy");
+    reload(serde_json::json!({"ca_bundle": fixture("private-ca.pem")})).expect("reloads");
+    assert_eq!(post().status, 200);
+    assert_eq!(seen.lock().expect("log").len(), 1, "direct again");
+    assert_eq!(served.load(Ordering::SeqCst), 3);
+
+    // An identity kept across the reload (same flow, tenant and client) fetches with the new clients, at once,
+    // although its failed fetch had started a backoff.
+    let (authority, token_served) =
+        private_ca_server(br#"{"token_type":"Bearer","access_token":"tok-reload","expires_in":3600}"#);
+    let inst = MockAzure::start(|r: &crate::support::mock::Recorded| {
+        let ok = r.header("authorization") == Some("Bearer tok-reload");
+        crate::support::mock::Reply::json(if ok { 200 } else { 401 }, serde_json::json!({}))
+    });
+    let auth = serde_json::json!({"type": "client_secret", "tenant_id": "t", "client_id": "c",
+                                  "authority_host": format!("https://localhost:{}", authority.port())});
+    let env = proxy::MapEnv(vec![("AZURE_CLIENT_SECRET".into(), "sp-s3cret".into())]);
+    let keyless = serde_json::json!({"endpoint": inst.url(), "name": "kl", "auth": auth});
+    let p = proxy::start_with_env(vec![keyless.clone()], serde_json::json!({}), &env);
+    let r = call(p.addr, "POST", CHAT, &[("api-key", "client-key")], b"{}");
+    assert_eq!(r.status, 502, "no token: the token endpoint's CA is unknown: {}", r.text());
+    assert_eq!(inst.hits(), 0);
+    let config =
+        proxy::config_with_env(vec![keyless], serde_json::json!({"ca_bundle": fixture("private-ca.pem")}), &env);
+    p.server.reload(config).expect("reloads");
+    let r = call(p.addr, "POST", CHAT, &[("api-key", "client-key")], b"{}");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(token_served.load(Ordering::SeqCst), 1, "one token request, trusting the new ca_bundle");
+}
+
 /// A minimal HTTP CONNECT proxy: records each CONNECT target, then splices bytes both ways.
 pub(crate) fn connect_proxy() -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");

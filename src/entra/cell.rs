@@ -24,8 +24,9 @@ pub struct TokenCell {
     pub auth: EntraAuth,
     /// The label for logs and metrics (flow and client ID).
     pub label: String,
-    direct: Agent,
-    proxied: Agent,
+    /// The token clients: (direct, through the egress proxy). Replaced by a reload that changes `ca_bundle`,
+    /// `egress_proxy` or `connect_timeout`.
+    clients: Mutex<(Agent, Agent)>,
     slot: Mutex<Slot>,
     changed: Condvar,
     pub fetched_ok: AtomicU64,
@@ -63,12 +64,24 @@ impl TokenCell {
         TokenCell {
             label: auth.label(),
             auth,
-            direct,
-            proxied,
+            clients: Mutex::new((direct, proxied)),
             slot: Mutex::new(Slot::default()),
             changed: Condvar::new(),
             fetched_ok: AtomicU64::new(0),
             fetch_failed: AtomicU64::new(0),
+        }
+    }
+
+    /// New token clients after a reload changed how they connect. A backoff after failures is dropped, since
+    /// the change may be what fixes them, and a fetch starts now if there is no valid token.
+    pub fn use_clients(self: &Arc<Self>, direct: Agent, proxied: Agent) {
+        *self.clients.lock().unwrap_or_else(|p| p.into_inner()) = (direct, proxied);
+        let mut slot = self.lock();
+        slot.retry_at = None;
+        slot.failures = 0;
+        let valid = slot.token.as_ref().is_some_and(|t| Instant::now() < t.expires);
+        if !valid && !slot.refreshing {
+            slot.refreshing = self.spawn_fetch();
         }
     }
 
@@ -187,7 +200,8 @@ impl TokenCell {
 
     fn fetch_now(&self) {
         let started = Instant::now();
-        let result = fetch::fetch(&self.auth, &self.direct, &self.proxied);
+        let (direct, proxied) = self.clients.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let result = fetch::fetch(&self.auth, &direct, &proxied);
         let mut slot = self.lock();
         slot.refreshing = false;
         match result {

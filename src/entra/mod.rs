@@ -32,8 +32,9 @@ pub struct Tokens {
 impl Tokens {
     /// The cells for `config`'s instances: one per distinct identity and scope, taken over from `previous` (a
     /// reload) when the identity is unchanged, so that a reload does not fetch tokens again. New cells start
-    /// fetching at once.
-    pub fn new(config: &Config, previous: Option<&Tokens>) -> Tokens {
+    /// fetching at once. `previous` comes with whether the token clients' settings (`Egress`) are unchanged; when
+    /// they changed, each kept cell gets new clients (and a failing one tries again at once).
+    pub fn new(config: &Config, previous: Option<(&Tokens, bool)>) -> Tokens {
         let mut tokens = Tokens::default();
         let mut agents: Option<(Agent, Agent)> = None;
         for inst in &config.instances {
@@ -44,9 +45,16 @@ impl Tokens {
             let at = match tokens.cells.iter().position(|c| c.auth.same_identity(auth)) {
                 Some(at) => at,
                 None => {
-                    let kept = previous.and_then(|p| p.cells.iter().find(|c| c.auth.same_identity(auth)));
+                    let kept = previous.and_then(|(p, same_egress)| {
+                        p.cells.iter().find(|c| c.auth.same_identity(auth)).map(|c| (c, same_egress))
+                    });
                     let cell = match kept {
-                        Some(c) => Arc::clone(c),
+                        Some((c, true)) => Arc::clone(c),
+                        Some((c, false)) => {
+                            let (direct, proxied) = agents.get_or_insert_with(|| token_agents(config)).clone();
+                            c.use_clients(direct, proxied);
+                            Arc::clone(c)
+                        }
                         None => {
                             let (direct, proxied) = agents.get_or_insert_with(|| token_agents(config)).clone();
                             let cell = Arc::new(TokenCell::new(auth.clone(), direct, proxied));

@@ -1,6 +1,8 @@
 //! The ureq agents that carry every upstream request: configured as a proxy needs them, on the project's own
 //! resolver (`resolve`) and socket layer (`transport`).
 
+use std::time::Duration;
+
 use ureq::Agent;
 
 use super::{TlsClient, Upstream};
@@ -100,14 +102,47 @@ fn build_agent(config: &Config, output_bytes: usize, dns: &DnsCache, tls: &TlsCl
     Agent::with_parts(agent_config, connector, dns.clone())
 }
 
-/// What the agent is built from; a reload that leaves these alone keeps the agent and its open connections.
-pub fn agent_settings(c: &Config) -> (usize, usize, usize, [std::time::Duration; 4]) {
-    (
-        c.upstream_idle_per_instance,
-        c.instances.len(),
-        c.max_head_bytes,
-        [c.connect_timeout, c.upstream_response_timeout, c.upstream_read_timeout, c.upstream_idle_timeout],
-    )
+/// How every upstream connection leaves the host and whom it trusts: the instances' agents and the Entra ID token
+/// clients are both built from these, so a reload that changes any of them must replace both (a kept client
+/// would go on trusting the old `ca_bundle` or using the old `egress_proxy` until restart).
+#[derive(PartialEq)]
+pub struct Egress {
+    /// The DER of each extra root certificate (`ca_bundle` plus the system's bundle); None: the built-in roots.
+    roots: Option<Vec<Vec<u8>>>,
+    proxy: EgressProxy,
+    connect_timeout: Duration,
+}
+
+impl Egress {
+    pub fn of(c: &Config) -> Egress {
+        Egress {
+            roots: c.upstream_roots.as_ref().map(|certs| certs.iter().map(|cert| cert.der().to_vec()).collect()),
+            proxy: c.egress_proxy.clone(),
+            connect_timeout: c.connect_timeout,
+        }
+    }
+}
+
+/// What the agents are built from; a reload that leaves all of it alone keeps them and their open connections.
+#[derive(PartialEq)]
+pub struct AgentSettings {
+    egress: Egress,
+    idle_per_instance: usize,
+    instances: usize,
+    max_head_bytes: usize,
+    timeouts: [Duration; 3],
+}
+
+impl AgentSettings {
+    pub fn of(c: &Config) -> AgentSettings {
+        AgentSettings {
+            egress: Egress::of(c),
+            idle_per_instance: c.upstream_idle_per_instance,
+            instances: c.instances.len(),
+            max_head_bytes: c.max_head_bytes,
+            timeouts: [c.upstream_response_timeout, c.upstream_read_timeout, c.upstream_idle_timeout],
+        }
+    }
 }
 
 /// The egress CONNECT proxy the configuration asks for, if any (shared with the Entra ID token clients).

@@ -48,6 +48,12 @@ impl Env for MapEnv {
 
 /// `start_with`, the configuration read with `env` as its environment.
 pub fn start_with_env(instances: Vec<serde_json::Value>, extra: serde_json::Value, env: &dyn Env) -> Proxy {
+    let server = azure_proxy::start(config_with_env(instances, extra, env)).expect("proxy starts");
+    Proxy { addr: server.local_addr(), server }
+}
+
+/// The configuration `start_with_env` starts from (also what a test hands to `Server::reload`).
+pub fn config_with_env(instances: Vec<serde_json::Value>, extra: serde_json::Value, env: &dyn Env) -> Config {
     let mut cfg = serde_json::json!({
         "instances": instances,
         "client_keys": ["client-key"],
@@ -60,10 +66,7 @@ pub fn start_with_env(instances: Vec<serde_json::Value>, extra: serde_json::Valu
         }
     }
     let overrides = Overrides { listen: Some("127.0.0.1:0".into()), ..Default::default() };
-    let config = Config::from_json(&cfg.to_string(), Path::new("test-config.json"), &overrides, env)
-        .expect("test config is valid");
-    let server = azure_proxy::start(config).expect("proxy starts");
-    Proxy { addr: server.local_addr(), server }
+    Config::from_json(&cfg.to_string(), Path::new("test-config.json"), &overrides, env).expect("test config is valid")
 }
 
 pub fn start(mocks: &[&MockAzure]) -> Proxy {
