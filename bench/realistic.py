@@ -249,7 +249,8 @@ def markdown(meta, closed_sum, open_sum, counts, work):
     out.append("")
     out.append("Three HTTPS instances (one nginx, TLS 1.3, a certificate from a CA the bench makes) named "
                f"`{meta.get('names', '')}`, known only to a DNS server on {meta.get('dns_server', '?')} that the "
-               "bench starts; azure-proxy (default settings, `ca_bundle`) and nginx (`upstream` block, "
+               "bench starts; azure-proxy (default settings"
+               f"{', plus ' + meta['proxy_settings'] if meta.get('proxy_settings') else ''}, `ca_bundle`) and nginx (`upstream` block, "
                "`keepalive 64`, `proxy_ssl_session_reuse on`) run in one private mount namespace whose "
                "resolv.conf names only that server. Everything, load generator included, shares the machine's "
                "cores: compare within the run. The machine was "

@@ -37,6 +37,9 @@ PERF_MODE="${BENCH_PERF:-auto}"
 WAIT_QUIET="${BENCH_WAIT_QUIET:-0}"
 PROFILE="${BENCH_PROFILE:-0}"
 PROFILE_CONNS="${BENCH_PROFILE_CONNS:-16}"
+# Extra fields for the proxy's configuration, as JSON object members (e.g. '"keepalive_linger_ms": 0'): for
+# trying a setting; the report says which were used.
+PROXY_SETTINGS="${BENCH_PROXY_SETTINGS:-}"
 PORT_BASE="${BENCH_PORT_BASE:-23300}"
 COMMAND="${BENCH_COMMAND:-bash bench/realistic.sh}"
 
@@ -270,11 +273,12 @@ cat >"$WORK/proxy.json" <<EOF
     {"endpoint": "https://${NAMES[2]}:${UP_PORTS[2]}", "api_key": "bench-instance-key-3", "name": "c"}
   ],
   "client_keys": ["$CLIENT_KEY"],
-  "ca_bundle": "$TLS/ca.pem"
+  "ca_bundle": "$TLS/ca.pem"${PROXY_SETTINGS:+,
+  $PROXY_SETTINGS}
 }
 EOF
 PROXY_LOG="$WORK/proxy.log"
-log "starting azure-proxy on $PROXY_PORT (default settings, ca_bundle = the bench CA)"
+log "starting azure-proxy on $PROXY_PORT (default settings${PROXY_SETTINGS:+ and $PROXY_SETTINGS}, ca_bundle = the bench CA)"
 "$PROXY_BIN" --config "$WORK/proxy.json" --listen "127.0.0.1:$PROXY_PORT" 2>>"$PROXY_LOG" &
 PROXY_PID=$!
 PIDS+=("$PROXY_PID")
@@ -479,7 +483,7 @@ json.dump({
     "cpu_busy_before_pct": $BUSY_BEFORE, "cpu_busy_after_pct": $(cpu_busy_pct),
     "waited_for_quiet_s": $waited, "profile": $([ "$PROFILE" = 1 ] && echo True || echo False), "profile_conns": $PROFILE_CONNS,
     "dns_server": "$DNS_IP:53", "names": "${NAMES[*]}", "nginx_start_dns_queries": $NGINX_START_QUERIES,
-    "proxy_binary": "$PROXY_BIN",
+    "proxy_binary": "$PROXY_BIN", "proxy_settings": os.environ.get("BENCH_PROXY_SETTINGS", ""),
     "git_commit": "$(git rev-parse --short HEAD 2>/dev/null || echo unknown)",
     "git_dirty": $([ -n "$(git status --porcelain --untracked-files=no 2>/dev/null)" ] && echo True || echo False),
     "wrk": "$(wrk --version 2>&1 | head -1 | cut -c1-40)",
