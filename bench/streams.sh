@@ -161,7 +161,7 @@ EOF
 # ------------------------------------------------------------------------------------------------------------
 # azure-proxy: the default configuration (listen address, the three instances, one client key). For 10,000
 # streams (more than the default pool bound of 4,096) only the two bounds that would refuse them are raised:
-# workers (a stream holds a worker) and max_connections (default 4096).
+# workers (a stream holds a worker) and max_connections (default 8192).
 # ------------------------------------------------------------------------------------------------------------
 instances() {
     cat <<EOF
@@ -248,7 +248,7 @@ meta = {
     "ramp_s": $RAMP_S, "events": $EVENTS, "event_delay_ms": $DELAY_MS, "settle_s": $SETTLE, "timeout_s": $TIMEOUT,
     "open_files_limit": $(ulimit -n), "somaxconn": int(open("/proc/sys/net/core/somaxconn").read()),
     "listen_backlog": {"direct": "${BACKLOG[direct]:-?}", "nginx": "${BACKLOG[nginx]:-?}", "proxy": "${BACKLOG[proxy]:-?}"},
-    "proxy_config": "default configuration (listen, 3 instances, 1 client key: up to 4096 workers started on demand, queue 256, max_connections 4096; for more than 4,000 streams workers = N and max_connections = N + 1024)",
+    "proxy_config": "default configuration (listen, 3 instances, 1 client key: up to 4096 workers started on demand, queue 256, max_connections 8192; for more than 4,000 streams workers = N and max_connections = N + 1024)",
     "nginx_config": "worker_processes auto, proxy_buffering off, proxy_http_version 1.1, upstream keepalive 64, worker_connections 2N+1024, worker_rlimit_nofile 4N+4096, listen backlog=4096, access log on",
     "nginx": "$("$NGINX" -v 2>&1 | head -1)",
 }
