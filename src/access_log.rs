@@ -2,6 +2,7 @@
 //! with `LOG_FORMAT=json`, as one JSON object per line. Written directly, in one write per line, when the `log`
 //! level lets `access` INFO lines through.
 
+use std::borrow::Cow;
 use std::io::Write;
 use std::net::IpAddr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -77,12 +78,17 @@ fn json_line(entry: &Entry) -> Vec<u8> {
     serde_json::to_vec(&object).unwrap_or_default()
 }
 
-/// The path as it may appear in a log line: at most 256 characters; it is already visible ASCII when valid.
-fn printable(path: &str) -> String {
-    path.chars().take(256).map(|c| if c.is_ascii_graphic() { c } else { '?' }).collect()
+/// The path as it may appear in a log line: at most 256 characters; it is already visible ASCII when valid (then
+/// it is not copied).
+fn printable(path: &str) -> Cow<'_, str> {
+    if path.len() <= 256 && path.bytes().all(|b| b.is_ascii_graphic()) {
+        return Cow::Borrowed(path);
+    }
+    Cow::Owned(path.chars().take(256).map(|c| if c.is_ascii_graphic() { c } else { '?' }).collect())
 }
 
-/// `2026-11-25T14:09:06.861Z`, the same form as the text log's timestamps.
+/// `2026-11-25T14:09:06.861Z`, the same form as the text log's timestamps. Digits are written by hand: through
+/// `format!` this was 3.5 % of a proxied request's instructions (callgrind).
 fn utc_timestamp(t: SystemTime) -> String {
     let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
     let secs = d.as_secs() as i64;
@@ -97,13 +103,33 @@ fn utc_timestamp(t: SystemTime) -> String {
     let day = doy - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60,
-        d.subsec_millis()
-    )
+    let mut out = String::with_capacity(24);
+    let fields = [
+        (year, 4, '-'),
+        (month, 2, '-'),
+        (day, 2, 'T'),
+        (rem / 3600, 2, ':'),
+        (rem % 3600 / 60, 2, ':'),
+        (rem % 60, 2, '.'),
+        (i64::from(d.subsec_millis()), 3, 'Z'),
+    ];
+    for (value, width, then) in fields {
+        push_digits(&mut out, value, width);
+        out.push(then);
+    }
+    out
+}
+
+/// `value` in decimal, zero-padded to `width` digits (wider values keep all their digits).
+fn push_digits(out: &mut String, value: i64, width: u32) {
+    let value = value.unsigned_abs();
+    let digits = value.checked_ilog10().unwrap_or(0) + 1;
+    for _ in digits..width {
+        out.push('0');
+    }
+    for i in (0..digits).rev() {
+        out.push(char::from(b'0' + (value / 10u64.pow(i) % 10) as u8));
+    }
 }
 
 #[cfg(test)]

@@ -71,3 +71,18 @@ fn exposition_format() {
         assert!(line.starts_with('#') || line.starts_with("azure_proxy_"), "{line}");
     }
 }
+
+#[test]
+fn number_after_reads_what_str_parse_would() {
+    let text = r#"{"usage": {"prompt_tokens" :  12, "completion_tokens":7,"big":18446744073709551615,"huge":18446744073709551616}}"#;
+    assert_eq!(number_after(text, "\"prompt_tokens\""), Some(12));
+    assert_eq!(number_after(text, "\"completion_tokens\""), Some(7));
+    assert_eq!(number_after(text, "\"big\""), Some(u64::MAX));
+    assert_eq!(number_after(text, "\"huge\""), None, "past u64::MAX");
+    assert_eq!(number_after(text, "\"total_tokens\""), None, "absent");
+    assert_eq!(number_after(r#""a": x"#, "\"a\""), None, "not a number");
+    assert_eq!(number_after(r#""a" 5"#, "\"a\""), None, "no colon");
+    assert_eq!(number_after(r#""a":"#, "\"a\""), None, "nothing after");
+    assert_eq!(number_after("", "\"a\""), None);
+    assert_eq!(number_after("\"a\": 3", ""), None, "an empty key finds nothing");
+}

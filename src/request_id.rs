@@ -31,7 +31,13 @@ pub fn generate() -> String {
     h1.write_u64(n);
     let mut h2 = b.build_hasher();
     h2.write_u64(n);
-    format!("{:016x}{:016x}", h1.finish(), h2.finish())
+    let mut id = String::with_capacity(32);
+    for half in [h1.finish(), h2.finish()] {
+        for shift in (0..16).rev() {
+            id.push(char::from(b"0123456789abcdef"[(half >> (shift * 4)) as usize & 0xf]));
+        }
+    }
+    id
 }
 
 #[cfg(test)]

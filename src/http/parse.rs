@@ -2,6 +2,8 @@
 //! heads that break the limits; `Framing::of` decides how the body is delimited and refuses the ambiguous
 //! combinations that enable request smuggling.
 
+use std::mem::MaybeUninit;
+
 /// One request head, owned, so that it can cross from the front thread to a worker.
 #[derive(Debug, Clone)]
 pub struct Head {
@@ -51,14 +53,27 @@ impl HeadError {
     }
 }
 
+/// Header slots kept on the stack by `parse_head` (the default `max_headers` is 100; 32 bytes each).
+const STACK_HEADERS: usize = 128;
+
 /// Parses `buf` as a request head. `Ok(None)`: not complete yet and still within `max_bytes`.
 pub fn parse_head(buf: &[u8], max_bytes: usize, max_headers: usize) -> Result<Option<Head>, HeadError> {
     // RFC 9112 §2.2: a server SHOULD ignore at least one empty line before the request line.
     let skip = leading_empty_lines(buf);
     let data = &buf[skip..];
-    let mut headers = vec![httparse::EMPTY_HEADER; max_headers];
-    let mut req = httparse::Request::new(&mut headers);
-    match req.parse(data) {
+    // Up to `STACK_HEADERS` header slots live on the stack, uninitialised (httparse writes each one before it is
+    // read): the parse runs on every read of a head, and a zeroed heap array of `max_headers` slots was 3 % of a
+    // proxied request's instructions (callgrind).
+    let mut on_stack = [const { MaybeUninit::<httparse::Header>::uninit() }; STACK_HEADERS];
+    let mut on_heap = Vec::new();
+    let slots = if max_headers <= STACK_HEADERS {
+        &mut on_stack[..max_headers]
+    } else {
+        on_heap.resize_with(max_headers, MaybeUninit::uninit);
+        &mut on_heap[..]
+    };
+    let mut req = httparse::Request::new(&mut []);
+    match req.parse_with_uninit_headers(data, slots) {
         Ok(httparse::Status::Complete(n)) => {
             if skip + n > max_bytes {
                 return Err(too_large(data, max_bytes));
@@ -265,6 +280,20 @@ mod tests {
         assert_eq!(parse_head(many.as_bytes(), 10_000, 10).unwrap_err(), HeadError::TooManyHeaders);
         assert_eq!(parse_head(b"GET / HTTP/2.0\r\n\r\n", 100, 10).unwrap_err(), HeadError::Version);
         assert_eq!(parse_head(b"GET / HTTP/1.1\r\nx: a\0b\r\n\r\n", 100, 10).unwrap_err().status(), 400);
+    }
+
+    #[test]
+    fn header_slots_on_the_stack_and_past_it() {
+        let with = |n: usize| {
+            let lines: String = (0..n).map(|i| format!("h{i}: v{i}\r\n")).collect();
+            format!("GET / HTTP/1.1\r\n{lines}\r\n")
+        };
+        for max in [STACK_HEADERS, STACK_HEADERS + 72] {
+            let h = parse_head(with(max).as_bytes(), 1 << 20, max).expect("parses").expect("complete");
+            assert_eq!(h.headers.len(), max);
+            assert_eq!(h.header(&format!("h{}", max - 1)), Some(format!("v{}", max - 1).as_bytes()));
+            assert_eq!(parse_head(with(max + 1).as_bytes(), 1 << 20, max).unwrap_err(), HeadError::TooManyHeaders);
+        }
     }
 
     #[test]
