@@ -155,7 +155,8 @@ impl Run<'_> {
                         cell.rejected(&credential.1);
                     }
                 }
-                let retry_after = retry_after(resp.headers());
+                // Only a status that can be retried (429 and 503 among them) makes use of it.
+                let retry_after = if RETRYABLE.contains(&status) { retry_after(resp.headers()) } else { None };
                 state.balancer.observe(idx, Observation::Answered { status, retry_after });
                 let last = nth == total;
                 if !RETRYABLE.contains(&status) || (last && is_unanimous_client_error(status, attempts)) {
