@@ -62,13 +62,8 @@ pub const DEFAULT_IDLE_TIMEOUT_MS: u64 = 60_000;
 pub const DEFAULT_BODY_READ_TIMEOUT_MS: u64 = 30_000;
 pub const DEFAULT_CLIENT_WRITE_TIMEOUT_MS: u64 = 30_000;
 /// How long a worker waits for the next request on a keep-alive connection before handing it to the front
-/// thread. Short: it only catches clients that send back-to-back (load generators, batch jobs, pooled SDKs). Not
-/// shorter: with 2 ms, 64 busy connections on 2 cores fell into a slow state in about a third of the measured
-/// rounds (29k instead of 38k req/s, 45 instead of 33 µs of CPU per request): once responses are late enough
-/// that lingers expire, connections go round through the front thread, which costs more CPU and makes them later
-/// still. With 10 ms, 6 of 6 rounds ran at 39k (`make bench-realistic`, `BENCH_PROXY_SETTINGS`). A lingering
-/// worker holds no one up: it does not wait while requests are queued.
-pub const DEFAULT_KEEPALIVE_LINGER_MS: u64 = 10;
+/// thread. Short: it only catches clients that send back-to-back (load generators, batch jobs, pooled SDKs).
+pub const DEFAULT_KEEPALIVE_LINGER_MS: u64 = 2;
 pub const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 10_000;
 /// How old an upstream host's addresses may get before they are looked up again, in the background (`getaddrinfo`
 /// gives no TTL; Azure's records have TTLs of minutes). A request never waits for a refresh.
