@@ -63,6 +63,12 @@ pub const DEFAULT_BODY_READ_TIMEOUT_MS: u64 = 30_000;
 pub const DEFAULT_CLIENT_WRITE_TIMEOUT_MS: u64 = 30_000;
 /// How long a worker waits for the next request on a keep-alive connection before handing it to the front
 /// thread. Short: it only catches clients that send back-to-back (load generators, batch jobs, pooled SDKs).
+///
+/// 10 ms was measured and reverted. It steadied 64 busy connections: with 2 ms, 2 of 6 rounds fell into a slow
+/// state at 29k req/s, because expired lingers send connections round through the front thread. It also halved
+/// the CPU per request of an open-loop 5k req/s run. But a lingering worker keeps waiting while new requests
+/// queue, so 2,000 one-request clients started 102 threads instead of under 64 (`make stress`, slowloris). A
+/// linger that gives way when requests queue would keep both.
 pub const DEFAULT_KEEPALIVE_LINGER_MS: u64 = 2;
 pub const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 10_000;
 /// How old an upstream host's addresses may get before they are looked up again, in the background (`getaddrinfo`
