@@ -12,10 +12,10 @@
 //! Invariants: `live` counts started threads that have not exited; `idle` counts those not serving a request
 //! (waiting on the channel, or just started); `idle <= live <= max`.
 
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -27,6 +27,7 @@ use crate::http::{Conn, Head};
 use crate::metrics::WorkerGauges;
 use crate::serve::{refuse_busy, serve, Busy};
 use crate::state::{Shared, State};
+use crate::sys::Woken;
 
 /// A request ready for a worker: the connection (its buffer holds what followed the head) and the parsed head.
 pub struct Job {
@@ -85,6 +86,13 @@ pub struct Pool {
     /// Jobs taken off the channel so far, by workers or by the front thread expiring them.
     taken: AtomicU64,
     next_id: AtomicU64,
+    /// Workers waiting for their client's next request (`keepalive_linger`).
+    lingering: AtomicUsize,
+    /// (write end, read end): a byte written asks every lingering worker to give way to queued requests; the
+    /// read end is drained once the queue is empty.
+    call: (UnixStream, UnixStream),
+    /// A byte may be in `call`: workers look at the socket only then (no system call per request otherwise).
+    call_pending: AtomicBool,
 }
 
 impl Pool {
@@ -96,6 +104,9 @@ impl Pool {
         counts: Arc<WorkerGauges>,
     ) -> io::Result<Arc<Pool>> {
         let cfg = &shared.state().config;
+        let call = UnixStream::pair()?;
+        call.0.set_nonblocking(true)?;
+        call.1.set_nonblocking(true)?;
         let pool = Arc::new(Pool {
             max: cfg.workers,
             keep_warm: cfg.idle_workers.min(cfg.workers),
@@ -111,6 +122,9 @@ impl Pool {
             retired: AtomicUsize::new(0),
             taken: AtomicU64::new(0),
             next_id: AtomicU64::new(0),
+            lingering: AtomicUsize::new(0),
+            call,
+            call_pending: AtomicBool::new(false),
         });
         for _ in 0..pool.keep_warm {
             if !pool.grow() {
@@ -120,15 +134,40 @@ impl Pool {
         Ok(pool)
     }
 
-    /// Called by the front thread after queueing a job: starts a worker when none is idle to take it.
+    /// Called by the front thread after queueing a job: when no worker is idle to take it, asks the lingering
+    /// ones to give way (`linger`), and starts a worker for what they cannot take. Without the call, a worker
+    /// waiting out its linger for a client that never sends again made the pool start another thread for every
+    /// request that arrived meanwhile.
     ///
     /// A worker that has just taken a job still counts as idle for an instant, so the front can miss that the
     /// job it queued has nobody left to take it; the worker checks the same thing from its side right after it
-    /// stops counting itself (`work`). Each side writes before it reads (SeqCst), so one of them sees the other.
+    /// stops counting itself (`work`), and a worker that stops lingering does too (`linger`). Each side writes
+    /// before it reads (SeqCst), so one of them sees the other.
     pub fn on_queued(self: &Arc<Self>) {
-        if self.jobs.len() > self.counts.idle.load(Ordering::SeqCst) {
+        let waiting = self.jobs.len();
+        let idle = self.counts.idle.load(Ordering::SeqCst);
+        if waiting <= idle {
+            return;
+        }
+        let lingering = self.lingering.load(Ordering::SeqCst);
+        if lingering > 0 && !self.call_pending.swap(true, Ordering::AcqRel) {
+            // One byte wakes them all.
+            let _ = (&self.call.0).write(&[1]);
+        }
+        if waiting > idle + lingering {
             self.grow();
         }
+    }
+
+    /// Empties the call socket once nothing is queued, so that the next lingers are not cut short. (Should a call
+    /// be emptied just as a request is queued, that request waits at most one linger for a worker.)
+    fn end_call(&self) {
+        if !self.call_pending.load(Ordering::Acquire) || !self.jobs.is_empty() {
+            return;
+        }
+        self.call_pending.store(false, Ordering::Release);
+        let mut sink = [0u8; 64];
+        while matches!((&self.call.1).read(&mut sink), Ok(n) if n > 0) {}
     }
 
     pub fn live(&self) -> usize {
@@ -187,6 +226,7 @@ impl Pool {
                     if now_idle == 0 && !self.jobs.is_empty() {
                         self.grow();
                     }
+                    self.end_call();
                     self.serve_connection(job);
                     self.counts.idle.fetch_add(1, Ordering::AcqRel);
                 }
@@ -273,7 +313,7 @@ impl Pool {
                     return;
                 }
             };
-            match next_request_here(&state, &mut kept, &self.jobs) {
+            match self.next_request_here(&state, &mut kept) {
                 Next::Here(next) => (conn, head) = (kept, next),
                 Next::ToFront => {
                     self.returner.give_back(kept);
@@ -285,38 +325,59 @@ impl Pool {
     }
 }
 
+impl Pool {
+    /// The keep-alive fast path: a client that sends its next request at once (a pooled SDK, a batch job, a load
+    /// generator) is served by the same worker, saving two thread hand-offs and a poll round. Anything slower than
+    /// `keepalive_linger`, any incomplete or invalid head, and every connection while requests are queued goes
+    /// back to the front thread, which owns waiting.
+    fn next_request_here(&self, state: &State, conn: &mut Conn) -> Next {
+        let cfg = &state.config;
+        if conn.buf.is_empty() {
+            if cfg.keepalive_linger.is_zero() || !self.jobs.is_empty() {
+                return Next::ToFront;
+            }
+            if !conn.stream.has_buffered() && !self.linger(conn, cfg.keepalive_linger) {
+                return Next::ToFront;
+            }
+            match conn.read_more() {
+                Ok(0) => return Next::Closed,
+                Ok(_) => {}
+                Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) => {
+                    return Next::ToFront
+                }
+                Err(_) => return Next::Closed,
+            }
+        }
+        match parse_head(&conn.buf, cfg.max_head_bytes, cfg.max_headers) {
+            Ok(Some(head)) => {
+                conn.consume(head.len);
+                Next::Here(head)
+            }
+            Ok(None) | Err(_) => Next::ToFront,
+        }
+    }
+
+    /// Waits up to `wait` for the client's next request. False when it did not come, when the front thread asked
+    /// lingering workers to give way (`on_queued`), or when requests are queued: the connection then goes back
+    /// to the front thread and this worker takes a queued request.
+    fn linger(&self, conn: &Conn, wait: Duration) -> bool {
+        self.lingering.fetch_add(1, Ordering::SeqCst);
+        let woken = crate::sys::readable_within(conn.stream.tcp(), &self.call.1, wait);
+        self.lingering.fetch_sub(1, Ordering::SeqCst);
+        if !self.jobs.is_empty() {
+            return false;
+        }
+        if woken == Woken::Called {
+            // Whatever was queued has been taken already.
+            self.end_call();
+        }
+        woken == Woken::Readable
+    }
+}
+
 enum Next {
     /// The next request's head, already taken from the connection's buffer.
     Here(Head),
     ToFront,
     Closed,
-}
-
-/// The keep-alive fast path: a client that sends its next request at once (a pooled SDK, a batch job, a load
-/// generator) is served by the same worker, saving two thread hand-offs and a poll round. Anything slower than
-/// `keepalive_linger`, any incomplete or invalid head, and every connection while requests are queued goes back
-/// to the front thread, which owns waiting.
-fn next_request_here(state: &State, conn: &mut Conn, jobs: &Receiver<Job>) -> Next {
-    let cfg = &state.config;
-    if conn.buf.is_empty() {
-        let ready = conn.stream.has_buffered() || crate::sys::readable_within(conn.stream.tcp(), cfg.keepalive_linger);
-        if !jobs.is_empty() || cfg.keepalive_linger.is_zero() || !ready {
-            return Next::ToFront;
-        }
-        match conn.read_more() {
-            Ok(0) => return Next::Closed,
-            Ok(_) => {}
-            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) => {
-                return Next::ToFront
-            }
-            Err(_) => return Next::Closed,
-        }
-    }
-    match parse_head(&conn.buf, cfg.max_head_bytes, cfg.max_headers) {
-        Ok(Some(head)) => {
-            conn.consume(head.len);
-            Next::Here(head)
-        }
-        Ok(None) | Err(_) => Next::ToFront,
-    }
 }

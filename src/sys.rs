@@ -13,6 +13,7 @@ use std::cell::Cell;
 use std::io;
 use std::net::{TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
 /// Bytes kept below the caller's frame: the copy loop's own calls (ureq's read path, the client write) stay within
@@ -131,11 +132,28 @@ pub fn poll(fds: &mut [libc::pollfd], timeout_ms: i32) -> io::Result<usize> {
     usize::try_from(ready).map_err(|_| io::Error::last_os_error())
 }
 
-/// Waits up to `wait` for `stream` to become readable (data, EOF or error).
-pub fn readable_within(stream: &TcpStream, wait: Duration) -> bool {
-    let mut fds = [libc::pollfd { fd: stream.as_raw_fd(), events: libc::POLLIN, revents: 0 }];
+/// How a wait for a client's next request ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Woken {
+    /// The client's socket is readable (data, EOF or error).
+    Readable,
+    /// The other socket is readable: someone asked the waiter to stop.
+    Called,
+    TimedOut,
+}
+
+/// Waits up to `wait` for `stream` to become readable, or for `call` to.
+pub fn readable_within(stream: &TcpStream, call: &UnixStream, wait: Duration) -> Woken {
+    let mut fds = [
+        libc::pollfd { fd: stream.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+        libc::pollfd { fd: call.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+    ];
     let ms = i32::try_from(wait.as_millis()).unwrap_or(i32::MAX);
-    matches!(poll(&mut fds, ms), Ok(n) if n > 0)
+    match poll(&mut fds, ms) {
+        Ok(n) if n > 0 && fds[0].revents != 0 => Woken::Readable,
+        Ok(n) if n > 0 => Woken::Called,
+        _ => Woken::TimedOut,
+    }
 }
 
 /// What a non-blocking peek at a socket found: nothing waiting (the peer is quiet and the connection open),

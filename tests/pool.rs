@@ -173,3 +173,24 @@ fn requests_turned_away_for_lack_of_a_worker_get_an_access_line() {
     assert!(line.contains(" status=503 ") && line.contains(" note=queue_timeout"), "{line}");
     gates.lock().expect("gates").clear();
 }
+
+#[test]
+fn a_worker_waiting_for_a_keep_alive_clients_next_request_gives_way_to_a_queued_one() {
+    let m = MockAzure::start(|_: &Recorded| Reply::json(200, json!({"ok": true})));
+    // One worker and a linger far longer than the test: a worker that waited it out would keep the second client
+    // waiting for a minute (and the pool cannot start another thread).
+    let settings = json!({"workers": 1, "idle_workers": 1, "keepalive_linger_ms": 60000, "queue_timeout_ms": 60000});
+    let p = proxy::start_with(proxy::instances_for(&[&m]), settings);
+    let headers = [("api-key", "client-key"), ("Content-Type", "application/json")];
+    let mut a = Client::connect(p.addr);
+    a.send("POST", CHAT, &headers, b"{}");
+    assert_eq!(a.read_response(false).expect("first answer").status, 200);
+    // `a` stays open and quiet, so the only worker is now waiting for its next request. Another client's request
+    // must reach it all the same (the client's read timeout is far shorter than the linger).
+    let b = call(p.addr, "POST", CHAT, &headers, b"{}");
+    assert_eq!(b.status, 200, "{}", b.text());
+    // `a` was handed back to the front thread, which still serves its next request.
+    a.send("POST", CHAT, &headers, b"{}");
+    assert_eq!(a.read_response(false).expect("second answer").status, 200);
+    assert_eq!(m.hits(), 3);
+}
