@@ -62,14 +62,16 @@ pub const DEFAULT_IDLE_TIMEOUT_MS: u64 = 60_000;
 pub const DEFAULT_BODY_READ_TIMEOUT_MS: u64 = 30_000;
 pub const DEFAULT_CLIENT_WRITE_TIMEOUT_MS: u64 = 30_000;
 /// How long a worker waits for the next request on a keep-alive connection before handing it to the front
-/// thread. Short: it only catches clients that send back-to-back (load generators, batch jobs, pooled SDKs).
+/// thread. It catches clients that send back-to-back (load generators, batch jobs, pooled SDKs), and gives way
+/// at once when requests queue with no worker idle (`pool`), so waiting costs no thread.
 ///
-/// 10 ms was measured and reverted. It steadied 64 busy connections: with 2 ms, 2 of 6 rounds fell into a slow
-/// state at 29k req/s, because expired lingers send connections round through the front thread. It also halved
-/// the CPU per request of an open-loop 5k req/s run. But a lingering worker keeps waiting while new requests
-/// queue, so 2,000 one-request clients started 102 threads instead of under 64 (`make stress`, slowloris). A
-/// linger that gives way when requests queue would keep both.
-pub const DEFAULT_KEEPALIVE_LINGER_MS: u64 = 2;
+/// 10 ms, not the 2 ms it was: with 2 ms, 64 busy connections on 2 cores fell into a slow state in about a third
+/// of the measured rounds (29k instead of 38k req/s, 45 instead of 33 µs of CPU per request). Once responses
+/// are late enough that lingers expire, connections go round through the front thread, which costs more CPU and
+/// makes them later still. An open-loop 5k req/s run also spent half the CPU per request with 10 ms, because a
+/// connection's next request came about 6 ms later. Before lingering gave way, 10 ms made 2,000 one-request
+/// clients start 102 threads (`make stress`, slowloris).
+pub const DEFAULT_KEEPALIVE_LINGER_MS: u64 = 10;
 pub const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 10_000;
 /// How old an upstream host's addresses may get before they are looked up again, in the background (`getaddrinfo`
 /// gives no TTL; Azure's records have TTLs of minutes). A request never waits for a refresh.
