@@ -150,24 +150,31 @@ impl Pool {
             return;
         }
         let lingering = self.lingering.load(Ordering::SeqCst);
-        if lingering > 0 && !self.call_pending.swap(true, Ordering::AcqRel) {
-            // One byte wakes them all.
-            let _ = (&self.call.0).write(&[1]);
+        if lingering > 0 {
+            self.call_lingering();
         }
         if waiting > idle + lingering {
             self.grow();
         }
     }
 
-    /// Empties the call socket once nothing is queued, so that the next lingers are not cut short. (Should a call
-    /// be emptied just as a request is queued, that request waits at most one linger for a worker.)
+    /// Asks every lingering worker to give way: one byte wakes them all (if the socket is full, bytes are already
+    /// waiting there).
+    fn call_lingering(&self) {
+        self.call_pending.store(true, Ordering::SeqCst);
+        let _ = (&self.call.0).write(&[1]);
+    }
+
+    /// Empties the call socket, so that the next lingers are not cut short, then calls again if a request was
+    /// queued meanwhile: a call written just before the emptying is not lost (whoever empties sees the request
+    /// in the queue), and one written after it stays in the socket.
     fn end_call(&self) {
-        if !self.call_pending.load(Ordering::Acquire) || !self.jobs.is_empty() {
-            return;
-        }
-        self.call_pending.store(false, Ordering::Release);
+        self.call_pending.store(false, Ordering::SeqCst);
         let mut sink = [0u8; 64];
         while matches!((&self.call.1).read(&mut sink), Ok(n) if n > 0) {}
+        if !self.jobs.is_empty() && self.lingering.load(Ordering::SeqCst) > 0 {
+            self.call_lingering();
+        }
     }
 
     pub fn live(&self) -> usize {
@@ -226,7 +233,10 @@ impl Pool {
                     if now_idle == 0 && !self.jobs.is_empty() {
                         self.grow();
                     }
-                    self.end_call();
+                    // Only after a call (no system call per request otherwise), once the queue is empty.
+                    if self.call_pending.load(Ordering::SeqCst) && self.jobs.is_empty() {
+                        self.end_call();
+                    }
                     self.serve_connection(job);
                     self.counts.idle.fetch_add(1, Ordering::AcqRel);
                 }
@@ -368,7 +378,8 @@ impl Pool {
             return false;
         }
         if woken == Woken::Called {
-            // Whatever was queued has been taken already.
+            // Whatever was queued has been taken already: empty the socket, or every later linger would end at
+            // once.
             self.end_call();
         }
         woken == Woken::Readable
