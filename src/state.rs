@@ -17,7 +17,7 @@ use crate::metrics::Metrics;
 use crate::quota::Quotas;
 use crate::redact::Secrets;
 use crate::resolve::DnsCache;
-use crate::transport::agents::{AgentSettings, Agents, Egress};
+use crate::transport::agents::{AgentSettings, Agents};
 
 pub struct State {
     pub config: Config,
@@ -83,8 +83,10 @@ impl State {
             None => DnsCache::new(config.dns_refresh),
         };
         dns.set_refresh(config.dns_refresh);
-        let agents = match previous {
-            Some(p) if AgentSettings::of(&p.config) == AgentSettings::of(&config) => p.agents.clone(),
+        // On a reload: what the agents were built from, and what they would be built from now.
+        let settings = previous.map(|p| (AgentSettings::of(&p.config), AgentSettings::of(&config)));
+        let agents = match (previous, &settings) {
+            (Some(p), Some((before, now))) if before == now => p.agents.clone(),
             _ => Agents::new(&config, dns)?,
         };
         let balancer = match previous {
@@ -100,7 +102,8 @@ impl State {
             None => Quotas::new(&config.client_keys),
         };
         // Last, after everything that can fail: new identities start fetching a token at once.
-        let kept = previous.map(|p| (&p.tokens, Egress::of(&p.config) == Egress::of(&config)));
+        let same_egress = settings.as_ref().is_some_and(|(before, now)| before.same_egress(now));
+        let kept = previous.map(|p| (&p.tokens, same_egress));
         let tokens = Tokens::new(&config, kept);
         Ok(State { agents, balancer, metrics, quotas, guard, key_header, instance_keys, tokens, secrets, config })
     }

@@ -106,7 +106,7 @@ fn build_agent(config: &Config, output_bytes: usize, dns: &DnsCache, tls: &TlsCl
 /// clients are both built from these, so a reload that changes any of them must replace both (a kept client
 /// would go on trusting the old `ca_bundle` or using the old `egress_proxy` until restart).
 #[derive(PartialEq)]
-pub struct Egress {
+struct Egress {
     /// The DER of each extra root certificate (`ca_bundle` plus the system's bundle); None: the built-in roots.
     roots: Option<Vec<Vec<u8>>>,
     proxy: EgressProxy,
@@ -114,7 +114,7 @@ pub struct Egress {
 }
 
 impl Egress {
-    pub fn of(c: &Config) -> Egress {
+    fn of(c: &Config) -> Egress {
         Egress {
             roots: c.upstream_roots.as_ref().map(|certs| certs.iter().map(|cert| cert.der().to_vec()).collect()),
             proxy: c.egress_proxy.clone(),
@@ -142,6 +142,11 @@ impl AgentSettings {
             max_head_bytes: c.max_head_bytes,
             timeouts: [c.upstream_response_timeout, c.upstream_read_timeout, c.upstream_idle_timeout],
         }
+    }
+
+    /// Whether the token clients (built from the `Egress` part alone) can be kept.
+    pub fn same_egress(&self, other: &AgentSettings) -> bool {
+        self.egress == other.egress
     }
 }
 
