@@ -1,5 +1,6 @@
 # shellcheck shell=bash
-# Shell helpers shared by bench/run.sh and bench/streams.sh (sourced, not run; they call the script's `log`).
+# Shell helpers shared by bench/run.sh, bench/streams.sh and bench/realistic.sh (sourced, not run; they call the
+# script's `log` and add what they start to its PIDS).
 
 wait_for() { # wait_for LOGFILE TEXT PID: at most 15 s until TEXT appears in LOGFILE
     local file="$1" text="$2" pid="$3"
@@ -42,4 +43,14 @@ start_nginx() { # start_nginx DIR PORT: nginx ($NGINX) with DIR/conf/nginx.conf,
     done
     echo "bench: nginx in $1 did not come up" >&2
     return 1
+}
+
+start_proxy() { # start_proxy CONFIG PORT LOG [ARG...]: $PROXY_BIN with CONFIG on 127.0.0.1:PORT (and any further
+    # arguments), its stderr appended to LOG, until it logs that it listens; sets STARTED_PID and adds it to PIDS
+    local config="$1" port="$2" logfile="$3"
+    shift 3
+    "$PROXY_BIN" --config "$config" --listen "127.0.0.1:$port" "$@" 2>>"$logfile" &
+    STARTED_PID=$!
+    PIDS+=("$STARTED_PID")
+    wait_for "$logfile" "listening on 127.0.0.1:$port" "$STARTED_PID"
 }

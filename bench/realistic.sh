@@ -279,10 +279,8 @@ cat >"$WORK/proxy.json" <<EOF
 EOF
 PROXY_LOG="$WORK/proxy.log"
 log "starting azure-proxy on $PROXY_PORT (default settings${PROXY_SETTINGS:+ and $PROXY_SETTINGS}, ca_bundle = the bench CA)"
-"$PROXY_BIN" --config "$WORK/proxy.json" --listen "127.0.0.1:$PROXY_PORT" 2>>"$PROXY_LOG" &
-PROXY_PID=$!
-PIDS+=("$PROXY_PID")
-wait_for "$PROXY_LOG" "listening on 127.0.0.1:$PROXY_PORT" "$PROXY_PID"
+start_proxy "$WORK/proxy.json" "$PROXY_PORT" "$PROXY_LOG"
+PROXY_PID=$STARTED_PID
 
 declare -A URL=(
     [direct]="https://${NAMES[0]}:${UP_PORTS[0]}$CHAT_PATH"

@@ -249,10 +249,8 @@ cat >"$WORK/load.json" <<EOF
 EOF
 PROXY_LOG="$WORK/proxy-load.log"
 log "starting azure-proxy on $PROXY_PORT"
-"$PROXY_BIN" --config "$WORK/load.json" --listen "127.0.0.1:$PROXY_PORT" 2>>"$PROXY_LOG" &
-PROXY_PID=$!
-PIDS+=("$PROXY_PID")
-wait_for "$PROXY_LOG" "listening on 127.0.0.1:$PROXY_PORT" "$PROXY_PID"
+start_proxy "$WORK/load.json" "$PROXY_PORT" "$PROXY_LOG"
+PROXY_PID=$STARTED_PID
 sleep 0.5
 IDLE_RSS_KIB="$(awk '/^VmRSS:/ {print $2}' "/proc/$PROXY_PID/status")"
 log "azure-proxy idle RSS: ${IDLE_RSS_KIB} KiB"
@@ -369,14 +367,6 @@ start_mock() { # start_mock PORT NAME DELAY_MS EVENTS
     PIDS+=($!)
     wait_for "$WORK/mock-$2.log" "listening on" "$!"
 }
-start_proxy() { # start_proxy CONFIG PORT LOG [WORKERS]: sets STARTED_PID
-    local extra=()
-    [ -n "${4:-}" ] && extra=(--workers "$4")
-    "$PROXY_BIN" --config "$1" --listen "127.0.0.1:$2" "${extra[@]}" 2>>"$3" &
-    STARTED_PID=$!
-    PIDS+=("$STARTED_PID")
-    wait_for "$3" "listening on 127.0.0.1:$2" "$STARTED_PID"
-}
 
 log "streaming: $STREAM_EVENTS events ${STREAM_DELAY_MS} ms apart, $STREAM_REPS requests each, direct vs azure-proxy"
 start_mock "$MOCK_PORT" stream "$STREAM_DELAY_MS" "$STREAM_EVENTS"
@@ -402,7 +392,7 @@ cat >"$WORK/streams.json.cfg" <<EOF
                {"endpoint": "http://127.0.0.1:$SLOW3", "api_key": "$MOCK_KEY", "name": "slow3"}],
  "client_keys": ["$CLIENT_KEY"]}
 EOF
-start_proxy "$WORK/streams.json.cfg" "$MPROXY_PORT" "$WORK/proxy-streams.log" "$N_STREAMS"
+start_proxy "$WORK/streams.json.cfg" "$MPROXY_PORT" "$WORK/proxy-streams.log" --workers "$N_STREAMS"
 "$PY" bench/stream_probe.py streams --proxy "127.0.0.1:$MPROXY_PORT" --key "$CLIENT_KEY" --pid "$STARTED_PID" \
     --n "$N_STREAMS" >"$WORK/streams.json"
 

@@ -175,13 +175,6 @@ EOF
 }
 printf '{\n%s\n}\n' "$(instances)" >"$WORK/proxy-default.json"
 
-start_proxy() { # start_proxy CONFIG: sets PROXY_PID
-    "$PROXY_BIN" --config "$1" --listen "127.0.0.1:$PROXY_PORT" 2>>"$WORK/proxy.log" &
-    PROXY_PID=$!
-    PIDS+=("$PROXY_PID")
-    wait_for "$WORK/proxy.log" "listening on 127.0.0.1:$PROXY_PORT" "$PROXY_PID"
-}
-
 # ------------------------------------------------------------------------------------------------------------
 # Scenarios: per scenario a fresh nginx and a fresh azure-proxy, then direct, nginx, azure-proxy one after the
 # other, then the settle readings, then both are stopped.
@@ -209,7 +202,8 @@ for sc in "${SCENARIOS[@]}"; do
     nginx_conf "$n"
     start_nginx "$NGX_DIR" "$NGX_PORT"
     NGX_PID=$NGINX_PID
-    start_proxy "$config"
+    start_proxy "$config" "$PROXY_PORT" "$WORK/proxy.log"
+    PROXY_PID=$STARTED_PID
     sleep 1 # both idle before their idle RSS is read
     BACKLOG[direct]="$(backlog_of "$UP1")" BACKLOG[nginx]="$(backlog_of "$NGX_PORT")"
     BACKLOG[proxy]="$(backlog_of "$PROXY_PORT")"
