@@ -20,6 +20,7 @@
 pub(crate) mod access_log;
 pub(crate) mod admin;
 pub(crate) mod balancer;
+pub(crate) mod bytes;
 pub mod cli;
 #[doc(hidden)] // public for the fuzz targets only
 pub mod client_ip;

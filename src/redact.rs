@@ -6,6 +6,8 @@
 //! proxy may fill with the key it received). A 2xx body is relayed untouched: it is the model's output, and
 //! holding back bytes of a live stream to look for keys would delay every event.
 
+use crate::bytes::find;
+
 /// What a key becomes in a relayed body or header: as long as the key, recognisable to a human.
 const MASK: &[u8] = b"[REDACTED]";
 
@@ -78,13 +80,6 @@ impl Secrets {
     pub fn stream(&self) -> StreamMask<'_> {
         StreamMask { secrets: self, held: Vec::new() }
     }
-}
-
-fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    if needle.is_empty() || hay.len() < needle.len() {
-        return None;
-    }
-    hay.windows(needle.len()).position(|w| w == needle)
 }
 
 /// Masks secrets in a body read piece by piece: a key split across two reads is still found, because the last
