@@ -29,6 +29,7 @@ pub(crate) mod entra;
 pub mod error;
 pub(crate) mod exchange;
 pub(crate) mod front;
+pub(crate) mod gate;
 pub(crate) mod guard;
 #[doc(hidden)] // public for the fuzz targets and the tests (target::check) only
 pub mod http;

@@ -20,8 +20,9 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError};
 
+use crate::gate::{Gate, Woke};
 use crate::http::parse::parse_head;
 use crate::http::{Conn, Head};
 use crate::metrics::WorkerGauges;
@@ -93,6 +94,8 @@ pub struct Pool {
     call: (UnixStream, UnixStream),
     /// A byte may be in `call`: workers look at the socket only then (no system call per request otherwise).
     call_pending: AtomicBool,
+    /// Where idle workers sleep (see `gate`).
+    gate: Gate,
 }
 
 impl Pool {
@@ -125,6 +128,7 @@ impl Pool {
             lingering: AtomicUsize::new(0),
             call,
             call_pending: AtomicBool::new(false),
+            gate: Gate::default(),
         });
         for _ in 0..pool.keep_warm {
             if !pool.grow() {
@@ -144,6 +148,7 @@ impl Pool {
     /// stops counting itself (`work`), and a worker that stops lingering does too (`linger`). Each side writes
     /// before it reads (SeqCst), so one of them sees the other.
     pub fn on_queued(self: &Arc<Self>) {
+        self.gate.wake_one();
         let waiting = self.jobs.len();
         let idle = self.counts.idle.load(Ordering::SeqCst);
         if waiting <= idle {
@@ -225,7 +230,7 @@ impl Pool {
             if self.take_retirement() {
                 return;
             }
-            match self.jobs.recv_timeout(self.idle_after) {
+            match self.next_job() {
                 Ok(job) => {
                     self.taken.fetch_add(1, Ordering::AcqRel);
                     let now_idle = self.counts.idle.fetch_sub(1, Ordering::SeqCst) - 1;
@@ -248,6 +253,28 @@ impl Pool {
                 }
             }
         }
+    }
+
+    /// The next job, waiting for one at most `idle_after`; `Disconnected` once the front has gone (`close`).
+    fn next_job(&self) -> Result<Job, RecvTimeoutError> {
+        let deadline = Instant::now() + self.idle_after;
+        loop {
+            match self.jobs.try_recv() {
+                Ok(job) => return Ok(job),
+                Err(TryRecvError::Disconnected) => return Err(RecvTimeoutError::Disconnected),
+                Err(TryRecvError::Empty) => {}
+            }
+            match self.gate.wait(|| !self.jobs.is_empty(), deadline) {
+                Woke::Look => {}
+                Woke::TimedOut => return Err(RecvTimeoutError::Timeout),
+                Woke::Closed => return Err(RecvTimeoutError::Disconnected),
+            }
+        }
+    }
+
+    /// No more jobs will come (the front thread has stopped): idle workers exit once the queue is empty.
+    pub fn close(&self) {
+        self.gate.close();
     }
 
     /// At the end of each `idle_after` period (noticed by whichever worker wakes first), the workers that stayed

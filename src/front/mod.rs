@@ -68,6 +68,16 @@ pub struct Front {
     last_fd_warning: Option<Instant>,
 }
 
+impl Drop for Front {
+    /// Idle workers sleep beside the channel, not in it (see `gate`), so they learn that no more jobs will come
+    /// from the pool, not from the channel closing.
+    fn drop(&mut self) {
+        if let Some(pool) = &self.pool {
+            pool.close();
+        }
+    }
+}
+
 impl Front {
     /// Returns the front loop and the handle workers use to give connections back. `open` counts open client
     /// connections (the metrics read it).
