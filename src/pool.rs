@@ -4,13 +4,14 @@
 //! `idle_workers` kept warm. Every open stream holds one worker, so the bound is the number of simultaneous
 //! completions; a thread that only exists while it streams costs its stack's touched pages and nothing after.
 //!
-//! Why not "a worker that waited `worker_idle` for a job exits": the channel wakes waiting workers in turn, so a
+//! Why not "a worker that waited `worker_idle` for a job exits": waiting workers are woken in turn (`gate`), so a
 //! trickle of requests (a health probe, 50 requests a second) would reach every one of thousands of threads
 //! often enough to keep them all. Instead the pool tracks the fewest idle workers seen during each period: that
 //! many were never needed, and that many (above the warm ones) exit.
 //!
 //! Invariants: `live` counts started threads that have not exited; `idle` counts those not serving a request
-//! (waiting on the channel, or just started); `idle <= live <= max`.
+//! (waiting for a job, or just started); `idle <= live <= max`. Idle workers sleep in `gate`, beside the channel,
+//! and take jobs with `try_recv`.
 
 use std::io::{self, Read, Write};
 use std::os::unix::net::UnixStream;
