@@ -155,6 +155,8 @@ pub struct Shared {
     pub draining: AtomicBool,
     /// `Server::stop` was called (or a stop signal arrived for this server).
     pub stop_requested: AtomicBool,
+    /// The front thread has exited: the server has stopped, and the admin listener closes too.
+    pub stopped: AtomicBool,
     /// This server's place in the signal table, once it takes signals (`Server::handle_signals`).
     pub signals: std::sync::Mutex<Option<crate::lifecycle::SignalSlot>>,
 }
@@ -165,6 +167,7 @@ impl Shared {
             current: RwLock::new(Arc::new(state)),
             draining: AtomicBool::new(false),
             stop_requested: AtomicBool::new(false),
+            stopped: AtomicBool::new(false),
             signals: std::sync::Mutex::new(None),
         }
     }

@@ -7,6 +7,7 @@ use std::net::TcpListener;
 use std::time::Duration;
 
 use crate::support::client::{call, chat};
+use crate::support::eventually;
 use crate::support::mock::{azure_like, MockAzure, Recorded, Reply};
 use crate::support::proxy::{self, CHAT};
 
@@ -176,4 +177,19 @@ fn admin_listen_moves_the_endpoints_off_the_proxy_port() {
         "admin port proxies nothing"
     );
     assert_eq!(chat(p.addr, "{}").status, 200);
+}
+
+#[test]
+fn a_stopped_server_closes_its_admin_listener() {
+    // A program that embeds the proxy and stops it may bind the admin address again (before, the admin thread
+    // kept accepting for the life of the process).
+    let m = MockAzure::start(azure_like("east", "key0", Duration::from_millis(1)));
+    let free = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let admin = free.local_addr().expect("addr");
+    drop(free);
+    let p = proxy::start_with(proxy::instances_for(&[&m]), serde_json::json!({"admin_listen": admin.to_string()}));
+    assert_eq!(call(admin, "GET", "/healthz", &[], b"").status, 200);
+    assert!(TcpListener::bind(admin).is_err(), "the admin port is taken while the server runs");
+    drop(p); // stops the server and waits for its front thread
+    eventually("the admin address can be bound again", || TcpListener::bind(admin).is_ok());
 }

@@ -69,9 +69,10 @@ pub struct Front {
 }
 
 impl Drop for Front {
-    /// Idle workers sleep beside the channel, not in it (see `gate`), so they learn that no more jobs will come
-    /// from the pool, not from the channel closing.
+    /// The server has stopped. Idle workers sleep beside the channel, not in it (see `gate`), so they learn that
+    /// no more jobs will come from the pool, not from the channel closing; the admin thread looks at `stopped`.
     fn drop(&mut self) {
+        self.shared.stopped.store(true, Ordering::Release);
         if let Some(pool) = &self.pool {
             pool.close();
         }
