@@ -1,7 +1,7 @@
 //! azure-proxy: makes several Azure OpenAI instances look like one endpoint.
 //!
 //! How a request flows:
-//! 1. `front` (one thread, `poll`) accepts the connection and reads the request head (`http::parse`), within
+//! 1. `front` (one thread, epoll) accepts the connection and reads the request head (`http::parse`), within
 //!    size and time limits; a complete head goes over a bounded channel to the worker `pool` (a thread is started
 //!    when none is idle), or gets a 503 if the queue is full.
 //! 2. `serve` (a worker) checks the target (`http::target`) and `Host`, answers local routes (`admin`) and 404s

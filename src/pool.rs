@@ -39,7 +39,7 @@ pub struct Job {
     pub queued_at: Instant,
 }
 
-/// Hands served keep-alive connections back to the front thread and wakes its `poll`.
+/// Hands served keep-alive connections back to the front thread and wakes its epoll wait.
 #[derive(Clone)]
 pub struct Returner {
     tx: Sender<Conn>,
@@ -58,7 +58,7 @@ impl Returner {
 
     pub fn give_back(&self, conn: Conn) {
         if self.tx.send(conn).is_ok() {
-            // One byte is enough to wake poll; if the pipe is full a wake-up is already pending.
+            // One byte is enough to wake the front thread; if the pipe is full a wake-up is already pending.
             let _ = (&*self.wake).write(&[1]);
         }
     }

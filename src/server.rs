@@ -50,7 +50,7 @@ impl Server {
     /// `drain_seconds`). Returns at once; `wait` (or dropping the server) waits for the end.
     pub fn stop(&self) {
         self.shared.stop_requested.store(true, std::sync::atomic::Ordering::SeqCst);
-        // One byte wakes the front thread's poll; a full socket means a wake-up is already pending.
+        // One byte wakes the front thread's epoll wait; a full socket means a wake-up is already pending.
         let _ = (&*self.waker).write(&[1]);
     }
 

@@ -276,6 +276,23 @@ fn an_idle_keep_alive_connection_is_closed_after_idle_timeout() {
 }
 
 #[test]
+fn a_head_started_on_an_idle_connection_gets_the_head_timeout_not_the_idle_one() {
+    // The connection waits idle under the long idle timeout; once its next head starts, the short head timeout
+    // applies: the front must not sleep until the idle deadline it knew of before.
+    let m = ok_mock();
+    let running = proxy_for(&m, json!({"idle_timeout_ms": 60_000, "head_timeout_ms": 200}));
+    let mut c = Client::connect(running.addr);
+    good_request(&mut c);
+    // Back in the front thread, idle, for longer than a head timeout: any deadline it had before has passed.
+    std::thread::sleep(Duration::from_millis(500));
+    c.send_raw(b"POST /openai/x HTTP/1.1\r\nHost: a\r\n");
+    let r = c.read_response(false).expect("an answer to the stalled head");
+    assert_error(&r, 408, "head timeout on a kept-alive connection");
+    assert_closed(&mut c, "after 408");
+    assert_eq!(m.hits(), 1, "only the first request");
+}
+
+#[test]
 fn idle_keep_alive_connections_do_not_hold_workers() {
     let m = ok_mock();
     let running = proxy_for(&m, json!({"workers": 1}));

@@ -7,7 +7,7 @@ use std::net::TcpStream;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use super::{canned, Front, Waiting, ACCEPT_PAUSE};
+use super::{canned, Front, ACCEPT_PAUSE};
 use crate::http::{ClientStream, Conn};
 
 impl Front {
@@ -92,6 +92,6 @@ impl Front {
             return;
         }
         let deadline = Instant::now() + cfg.head_timeout;
-        self.waiting.push(Waiting { conn, deadline });
+        self.waiting.insert(conn, deadline);
     }
 }

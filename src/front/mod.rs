@@ -1,5 +1,5 @@
 //! The front thread: owns every connection that is not being served (new ones, ones whose request head is still
-//! arriving, idle keep-alive ones), waits on all of them at once with `poll(2)`, and hands each complete request
+//! arriving, idle keep-alive ones), waits on all of them at once with epoll (`waiting`), and hands each complete request
 //! head to the workers over the bounded channel. A slow or idle client therefore costs one fd and a small buffer,
 //! never a worker. When the channel is full the client gets `503` + `Retry-After: 1` at once.
 //!
@@ -29,20 +29,21 @@ use crate::serve::{refuse_busy, Busy};
 use crate::state::Shared;
 
 mod accept;
+mod waiting;
+
+use waiting::{Waiters, Waiting};
 
 /// How long to stop accepting after `accept` fails for lack of file descriptors, so that the loop does not spin.
 const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
-/// Longest poll sleep, so that deadlines are checked even when nothing happens.
+/// Longest sleep, so that deadlines are checked even when nothing happens.
 const MAX_POLL_WAIT: Duration = Duration::from_secs(1);
-/// Poll sleep while draining (see `run`).
+/// Sleep while draining (see `run`).
 const DRAIN_POLL: Duration = Duration::from_millis(10);
-
-/// A connection waiting in the front thread.
-struct Waiting {
-    conn: Conn,
-    /// When it is closed if no complete head has arrived.
-    deadline: Instant,
-}
+/// Epoll tokens of the two descriptors that are not waiting connections (those use their slot number).
+const WAKE: u64 = u64::MAX;
+const LISTENER: u64 = u64::MAX - 1;
+/// Ready descriptors taken per wait.
+const EVENTS_PER_WAIT: usize = 256;
 
 pub struct Front {
     shared: Arc<Shared>,
@@ -61,7 +62,9 @@ pub struct Front {
     returned: Receiver<Conn>,
     wake_rx: UnixStream,
     open: Arc<AtomicUsize>,
-    waiting: Vec<Waiting>,
+    waiting: Waiters,
+    /// Whether the listener is in the epoll set for reading (not while accepts are paused).
+    listening: bool,
     accept_paused_until: Option<Instant>,
     /// A spare descriptor, released to answer one client when accept fails for lack of descriptors.
     reserve_fd: Option<std::fs::File>,
@@ -94,6 +97,9 @@ impl Front {
         wake_tx.set_nonblocking(true)?;
         wake_rx.set_nonblocking(true)?;
         let (tx, returned) = crossbeam_channel::unbounded();
+        let epoll = crate::sys::Epoll::new()?;
+        epoll.add(wake_rx.as_raw_fd(), WAKE, true)?;
+        epoll.add(listener.as_raw_fd(), LISTENER, true)?;
         let front = Front {
             shared,
             listener: Some(listener),
@@ -106,7 +112,8 @@ impl Front {
             returned,
             wake_rx,
             open,
-            waiting: Vec::new(),
+            waiting: Waiters::new(epoll),
+            listening: true,
             accept_paused_until: None,
             reserve_fd: std::fs::File::open("/dev/null").ok(),
             last_fd_warning: None,
@@ -120,7 +127,7 @@ impl Front {
     }
 
     pub fn run(mut self) {
-        let mut fds: Vec<libc::pollfd> = Vec::new();
+        let mut events: Vec<libc::epoll_event> = Vec::with_capacity(EVENTS_PER_WAIT);
         loop {
             let now = Instant::now();
             if self.drain_deadline.is_some_and(|d| now >= d || self.open.load(Ordering::Relaxed) == 0) {
@@ -129,44 +136,38 @@ impl Front {
                 self.shared.release_signals();
                 return;
             }
-            let accepting = self.accept_paused_until.is_none_or(|t| t <= now);
-            let listen_fd = match &self.listener {
-                Some(l) if accepting => l.as_raw_fd(),
-                _ => -1,
-            };
-            fds.clear();
-            fds.push(pollfd(self.wake_rx.as_raw_fd()));
-            fds.push(pollfd(listen_fd));
-            fds.extend(self.waiting.iter().map(|w| pollfd(w.conn.stream.tcp().as_raw_fd())));
+            self.listen_if_accepting(now);
             let queue_timeout = self.shared.state().config.queue_timeout;
             let next_deadline =
-                self.waiting.iter().map(|w| w.deadline).chain(self.queued.front().map(|t| *t + queue_timeout)).min();
+                self.waiting.next_scan().into_iter().chain(self.queued.front().map(|t| *t + queue_timeout)).min();
             let wait = next_deadline
                 .map(|d| d.saturating_duration_since(now))
                 .unwrap_or(MAX_POLL_WAIT)
                 .min(MAX_POLL_WAIT)
                 .min(self.accept_paused_until.map(|t| t.saturating_duration_since(now)).unwrap_or(MAX_POLL_WAIT));
-            // While draining, the last connections close on worker threads, which do not wake this poll: look at
+            // While draining, the last connections close on worker threads, which do not wake this thread: look at
             // the count often, so that the stop ends as soon as they are gone.
             let wait = if self.drain_deadline.is_some() { wait.min(DRAIN_POLL) } else { wait };
-            // Round up so that a deadline 0.4 ms away does not become a busy loop of zero-timeout polls.
+            // Round up so that a deadline 0.4 ms away does not become a busy loop of zero-timeout waits.
             let wait_ms = wait.as_millis() as i32 + 1;
-            if let Err(err) = crate::sys::poll(&mut fds, wait_ms) {
+            if let Err(err) = self.waiting.epoll().wait(&mut events, wait_ms) {
                 if err.kind() != io::ErrorKind::Interrupted {
-                    log::error!("poll failed: {err}");
+                    log::error!("epoll_wait failed: {err}");
                     std::thread::sleep(Duration::from_millis(10));
                 }
                 continue;
             }
-            // Waiting connections first, from the back, so that swap_remove keeps the earlier indexes valid.
-            for i in (0..self.waiting.len()).rev() {
-                if fds[i + 2].revents != 0 {
-                    self.on_readable(i);
+            let (mut woken, mut acceptable) = (false, false);
+            for event in &events {
+                match event.u64 {
+                    WAKE => woken = true,
+                    LISTENER => acceptable = true,
+                    slot => self.on_readable(slot as usize),
                 }
             }
             self.expire(Instant::now());
             self.expire_queued();
-            if fds[0].revents != 0 {
+            if woken {
                 self.take_returned();
             }
             let (reload, stop) = self.shared.take_requests();
@@ -176,8 +177,21 @@ impl Front {
             if stop && self.drain_deadline.is_none() {
                 self.begin_drain();
             }
-            if fds[1].revents != 0 {
+            if acceptable {
                 self.accept_all();
+            }
+        }
+    }
+
+    /// Keeps the listener in the epoll set while accepting, and out of it while accepts are paused (it stays
+    /// readable, and a level-triggered set would report it on every wait).
+    fn listen_if_accepting(&mut self, now: Instant) {
+        let Some(listener) = &self.listener else { return };
+        let accepting = self.accept_paused_until.is_none_or(|t| t <= now);
+        if accepting != self.listening {
+            match self.waiting.epoll().modify(listener.as_raw_fd(), LISTENER, accepting) {
+                Ok(()) => self.listening = accepting,
+                Err(e) => log::error!("cannot {} accepting: {e}", if accepting { "resume" } else { "pause" }),
             }
         }
     }
@@ -200,7 +214,9 @@ impl Front {
     /// Stop accepting (the listening socket is closed), close idle connections, let requests in flight finish.
     fn begin_drain(&mut self) {
         let drain = self.shared.state().config.drain;
-        self.listener = None;
+        if let Some(listener) = self.listener.take() {
+            self.waiting.epoll().delete(listener.as_raw_fd());
+        }
         self.shared.draining.store(true, Ordering::Relaxed);
         self.waiting.retain(|w| !w.conn.buf.is_empty());
         self.drain_deadline = Some(Instant::now() + drain);
@@ -208,17 +224,17 @@ impl Front {
         log::info!("stopping: no new connections; waiting up to {} s for {open} connection(s)", drain.as_secs());
     }
 
-    fn on_readable(&mut self, i: usize) {
-        let w = &mut self.waiting[i];
+    fn on_readable(&mut self, slot: usize) {
+        let limit = self.shared.state().config.max_head_bytes;
+        let Some(w) = self.waiting.get_mut(slot) else { return };
         let was_empty = w.conn.buf.is_empty();
         match w.conn.read_more() {
             Ok(0) => {
-                self.waiting.swap_remove(i);
+                self.waiting.remove(slot);
             }
             Ok(_) => {
                 // TLS: rustls may hold more decrypted bytes than one read took; no readiness event would come
                 // for them.
-                let limit = self.shared.state().config.max_head_bytes;
                 while w.conn.buf.len() <= limit && w.conn.stream.has_buffered() {
                     if !matches!(w.conn.read_more(), Ok(n) if n > 0) {
                         break;
@@ -226,32 +242,35 @@ impl Front {
                 }
                 if was_empty {
                     // The head deadline runs from its first byte; before that, the idle timeout applied.
-                    w.deadline = Instant::now() + self.shared.state().config.head_timeout;
+                    let deadline = Instant::now() + self.shared.state().config.head_timeout;
+                    self.waiting.set_deadline(slot, deadline);
                 }
-                self.try_dispatch(i);
+                self.try_dispatch(slot);
             }
             Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) => {}
             Err(_) => {
-                self.waiting.swap_remove(i);
+                self.waiting.remove(slot);
             }
         }
     }
 
-    /// If connection `i` holds a complete head, hand it to a worker (or refuse it); otherwise leave it waiting.
-    fn try_dispatch(&mut self, i: usize) {
+    /// If the connection in `slot` holds a complete head, hand it to a worker (or refuse it); otherwise leave it
+    /// waiting.
+    fn try_dispatch(&mut self, slot: usize) {
         let state = self.shared.state();
         let cfg = &state.config;
-        let parsed = parse_head(&self.waiting[i].conn.buf, cfg.max_head_bytes, cfg.max_headers);
-        match parsed {
+        let Some(w) = self.waiting.get_mut(slot) else { return };
+        match parse_head(&w.conn.buf, cfg.max_head_bytes, cfg.max_headers) {
             Ok(None) => {}
             Ok(Some(head)) => {
-                let Waiting { mut conn, .. } = self.waiting.swap_remove(i);
+                let Some(Waiting { mut conn, .. }) = self.waiting.remove(slot) else { return };
                 conn.consume(head.len);
                 self.dispatch(conn, head);
             }
             Err(e) => {
-                let Waiting { conn, .. } = self.waiting.swap_remove(i);
-                refuse(conn, e);
+                if let Some(Waiting { conn, .. }) = self.waiting.remove(slot) {
+                    refuse(conn, e);
+                }
             }
         }
     }
@@ -310,16 +329,10 @@ impl Front {
     }
 
     fn expire(&mut self, now: Instant) {
-        let mut i = 0;
-        while i < self.waiting.len() {
-            if self.waiting[i].deadline <= now {
-                let w = self.waiting.swap_remove(i);
-                if !w.conn.buf.is_empty() {
-                    log::info!("client {} did not finish its request head in time; closing", w.conn.peer.ip());
-                    canned(w.conn, 408, "request head not received in time", &[]);
-                }
-            } else {
-                i += 1;
+        for w in self.waiting.take_expired(now) {
+            if !w.conn.buf.is_empty() {
+                log::info!("client {} did not finish its request head in time; closing", w.conn.peer.ip());
+                canned(w.conn, 408, "request head not received in time", &[]);
             }
         }
     }
@@ -343,18 +356,13 @@ impl Front {
             } else {
                 Instant::now() + state.config.idle_timeout
             };
-            self.waiting.push(Waiting { conn, deadline });
+            let Some(slot) = self.waiting.insert(conn, deadline) else { continue };
             if has_bytes {
                 // A pipelined request may already be complete in the buffer: no readiness event will come for it.
-                let last = self.waiting.len() - 1;
-                self.try_dispatch(last);
+                self.try_dispatch(slot);
             }
         }
     }
-}
-
-fn pollfd(fd: i32) -> libc::pollfd {
-    libc::pollfd { fd, events: libc::POLLIN, revents: 0 }
 }
 
 fn refuse(conn: Conn, e: HeadError) {

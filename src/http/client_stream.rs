@@ -3,7 +3,7 @@
 //!
 //! TLS needs two extra cares. Writes are flushed through rustls at once, so that an SSE event is on the wire
 //! when `write` returns, as with plain TCP. And rustls may hold decrypted bytes that the socket no longer shows
-//! as readable: `has_buffered` tells the front thread and the keep-alive fast path not to wait for a poll that
+//! as readable: `has_buffered` tells the front thread and the keep-alive fast path not to wait for a readiness event that
 //! would never come.
 
 use std::io::{self, IoSlice, Read, Write};
