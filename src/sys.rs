@@ -1,7 +1,7 @@
-//! Every call into the C library that needs `unsafe`, in one place: `poll`, `epoll`, signal handlers, `SO_LINGER`, the
-//! upstream liveness peek, the listener's backlog, the open-files limit, and memory housekeeping (giving back the
-//! stack pages a worker touched deep in a call that is over, and the heap pages freed after a burst). The rest of
-//! the crate has `#![deny(unsafe_code)]`.
+//! Every call into the C library that needs `unsafe`, in one place: `poll`, `epoll`, signal handlers, `SO_LINGER`,
+//! the upstream liveness peek, the listener's backlog, the open-files limit, and memory housekeeping (giving back
+//! the stack pages a worker touched deep in a call that is over, and the heap pages freed after a burst). The rest
+//! of the crate has `#![deny(unsafe_code)]`.
 //!
 //! Why the memory part: a stream holds its worker thread for a minute, and its resident memory is what it touched at its deepest,
 //! not what it uses while it waits. Connecting to an upstream goes about 42 KiB down the stack (ureq's connector

@@ -1,7 +1,7 @@
 //! The front thread: owns every connection that is not being served (new ones, ones whose request head is still
-//! arriving, idle keep-alive ones), waits on all of them at once with epoll (`waiting`), and hands each complete request
-//! head to the workers over the bounded channel. A slow or idle client therefore costs one fd and a small buffer,
-//! never a worker. When the channel is full the client gets `503` + `Retry-After: 1` at once.
+//! arriving, idle keep-alive ones), waits on all of them at once with epoll (`waiting`), and hands each complete
+//! request head to the workers over the bounded channel. A slow or idle client therefore costs one fd and a small
+//! buffer, never a worker. When the channel is full the client gets `503` + `Retry-After: 1` at once.
 //!
 //! This is a readiness loop, not an async runtime: it never runs request logic, only reads heads and writes the
 //! few canned answers (400, 408, 414, 431, 503, 505) that need no worker.
