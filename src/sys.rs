@@ -132,8 +132,8 @@ pub fn poll(fds: &mut [libc::pollfd], timeout_ms: i32) -> io::Result<usize> {
     usize::try_from(ready).map_err(|_| io::Error::last_os_error())
 }
 
-/// An epoll set (level-triggered, readable only): the front thread waits on thousands of connections with it, and
-/// each wake-up costs what is ready, not what is open (`poll` looks at every descriptor every time).
+/// An epoll set: the front thread waits on thousands of connections with it, and each wake-up costs what is ready,
+/// not what is open (`poll` looks at every descriptor every time).
 pub struct Epoll {
     fd: OwnedFd,
 }
@@ -149,14 +149,14 @@ impl Epoll {
         Ok(Epoll { fd: unsafe { OwnedFd::from_raw_fd(fd) } })
     }
 
-    /// Watches `fd` for reading (or, with `readable: false`, for nothing until `modify`); `token` comes back with
-    /// its events.
-    pub fn add(&self, fd: RawFd, token: u64, readable: bool) -> io::Result<()> {
-        self.ctl(libc::EPOLL_CTL_ADD, fd, token, readable)
+    /// Watches `fd` as `interest` says; `token` comes back with its events.
+    pub fn add(&self, fd: RawFd, token: u64, interest: Interest) -> io::Result<()> {
+        self.ctl(libc::EPOLL_CTL_ADD, fd, token, interest)
     }
 
-    pub fn modify(&self, fd: RawFd, token: u64, readable: bool) -> io::Result<()> {
-        self.ctl(libc::EPOLL_CTL_MOD, fd, token, readable)
+    /// Changes what a watched `fd` is watched for, and its token.
+    pub fn modify(&self, fd: RawFd, token: u64, interest: Interest) -> io::Result<()> {
+        self.ctl(libc::EPOLL_CTL_MOD, fd, token, interest)
     }
 
     /// Stops watching `fd`; needed before a descriptor that stays open (handed to a worker) leaves the front.
@@ -168,8 +168,12 @@ impl Epoll {
         }
     }
 
-    fn ctl(&self, op: libc::c_int, fd: RawFd, token: u64, readable: bool) -> io::Result<()> {
-        let events = if readable { libc::EPOLLIN as u32 } else { 0 };
+    fn ctl(&self, op: libc::c_int, fd: RawFd, token: u64, interest: Interest) -> io::Result<()> {
+        let events = match interest {
+            Interest::Nothing => 0,
+            Interest::Readable => libc::EPOLLIN as u32,
+            Interest::ReadableOnce => (libc::EPOLLIN | libc::EPOLLONESHOT) as u32,
+        };
         let mut event = libc::epoll_event { events, u64: token };
         // SAFETY: both descriptors are open for the call; `event` is a live, initialised epoll_event that the
         // kernel only reads.
@@ -194,6 +198,16 @@ impl Epoll {
         unsafe { events.set_len(n as usize) };
         Ok(())
     }
+}
+
+/// What an `Epoll` watches a descriptor for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Interest {
+    Nothing,
+    /// Readable, reported on every wait while it stays so (level-triggered).
+    Readable,
+    /// Readable, reported once: the descriptor then stays in the set, silent, until `modify` arms it again.
+    ReadableOnce,
 }
 
 /// How a wait for a client's next request ended.

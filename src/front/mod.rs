@@ -27,6 +27,7 @@ use crate::pool::{Job, Pool, Returner};
 use crate::request_id;
 use crate::serve::{refuse_busy, Busy};
 use crate::state::Shared;
+use crate::sys::Interest;
 
 mod accept;
 mod waiting;
@@ -98,8 +99,8 @@ impl Front {
         wake_rx.set_nonblocking(true)?;
         let (tx, returned) = crossbeam_channel::unbounded();
         let epoll = crate::sys::Epoll::new()?;
-        epoll.add(wake_rx.as_raw_fd(), WAKE, true)?;
-        epoll.add(listener.as_raw_fd(), LISTENER, true)?;
+        epoll.add(wake_rx.as_raw_fd(), WAKE, Interest::Readable)?;
+        epoll.add(listener.as_raw_fd(), LISTENER, Interest::Readable)?;
         let front = Front {
             shared,
             listener: Some(listener),
@@ -189,7 +190,8 @@ impl Front {
         let Some(listener) = &self.listener else { return };
         let accepting = self.accept_paused_until.is_none_or(|t| t <= now);
         if accepting != self.listening {
-            match self.waiting.epoll().modify(listener.as_raw_fd(), LISTENER, accepting) {
+            let interest = if accepting { Interest::Readable } else { Interest::Nothing };
+            match self.waiting.epoll().modify(listener.as_raw_fd(), LISTENER, interest) {
                 Ok(()) => self.listening = accepting,
                 Err(e) => log::error!("cannot {} accepting: {e}", if accepting { "resume" } else { "pause" }),
             }
@@ -226,7 +228,7 @@ impl Front {
 
     fn on_readable(&mut self, slot: usize) {
         let limit = self.shared.state().config.max_head_bytes;
-        let Some(w) = self.waiting.get_mut(slot) else { return };
+        let Some(w) = self.waiting.fired(slot) else { return };
         let was_empty = w.conn.buf.is_empty();
         match w.conn.read_more() {
             Ok(0) => {
@@ -252,6 +254,8 @@ impl Front {
                 self.waiting.remove(slot);
             }
         }
+        // Still waiting for the rest of its head (or a spurious wake-up): watch it again.
+        self.waiting.rearm(slot);
     }
 
     /// If the connection in `slot` holds a complete head, hand it to a worker (or refuse it); otherwise leave it

@@ -35,6 +35,9 @@ pub struct Conn {
     pub buf: Vec<u8>,
     /// Whether a worker has already set this socket's read timeout (it is set once per connection).
     pub worker_ready: bool,
+    /// Whether the socket is in the front thread's epoll set (armed while it waits there, silent while a worker
+    /// serves it): a connection coming back is armed again with one call instead of added and later removed.
+    pub watched: bool,
     /// Keeps the open-connection count right however the connection ends.
     _slot: Slot,
 }
@@ -42,7 +45,7 @@ pub struct Conn {
 impl Conn {
     pub fn new(stream: ClientStream, peer: SocketAddr, open: &Arc<AtomicUsize>) -> Conn {
         open.fetch_add(1, Ordering::Relaxed);
-        Conn { stream, peer, buf: Vec::new(), worker_ready: false, _slot: Slot(Arc::clone(open)) }
+        Conn { stream, peer, buf: Vec::new(), worker_ready: false, watched: false, _slot: Slot(Arc::clone(open)) }
     }
 
     /// Reads once from the socket onto the end of `buf`. `Ok(0)` means the peer closed its side.
