@@ -4,7 +4,7 @@
 //! before it parks a receiver, and a worker goes idle after every request. On two cores with hundreds of threads
 //! each yield is a context switch to some other thread. Measured with 2,000 one-event streams on warm workers: the
 //! yields were 7 % of the proxy's CPU, and sleeping here instead cut its context switches by a third and its CPU
-//! per stream by a tenth.
+//! by a sixth (306 → 255 ms for the 2,000 streams, medians of 3 runs).
 //!
 //! No wake-up is lost: a sleeper counts itself, then looks at the channel, both under the lock; the sender puts the
 //! job in the channel, then looks at the count, and takes the lock before it wakes anyone. Each side writes before
