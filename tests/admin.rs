@@ -7,9 +7,9 @@ use std::net::TcpListener;
 use std::time::Duration;
 
 use crate::support::client::{call, chat};
-use crate::support::eventually;
 use crate::support::mock::{azure_like, MockAzure, Recorded, Reply};
 use crate::support::proxy::{self, CHAT};
+use crate::support::{eventually, free_addr};
 
 fn metrics(addr: std::net::SocketAddr) -> String {
     let r = call(addr, "GET", "/metrics", &[], b"");
@@ -163,9 +163,7 @@ fn admin_endpoints_can_be_turned_off_and_need_no_key() {
 #[test]
 fn admin_listen_moves_the_endpoints_off_the_proxy_port() {
     let m = MockAzure::start(azure_like("east", "key0", Duration::from_millis(1)));
-    let free = TcpListener::bind("127.0.0.1:0").expect("bind");
-    let admin = free.local_addr().expect("addr");
-    drop(free);
+    let admin = free_addr();
     let p = proxy::start_with(proxy::instances_for(&[&m]), serde_json::json!({"admin_listen": admin.to_string()}));
     for path in ["/healthz", "/readyz", "/metrics"] {
         assert_eq!(call(p.addr, "GET", path, &[], b"").status, 404, "{path} on the proxy port");
@@ -184,9 +182,7 @@ fn a_stopped_server_closes_its_admin_listener() {
     // A program that embeds the proxy and stops it may bind the admin address again (before, the admin thread
     // kept accepting for the life of the process).
     let m = MockAzure::start(azure_like("east", "key0", Duration::from_millis(1)));
-    let free = TcpListener::bind("127.0.0.1:0").expect("bind");
-    let admin = free.local_addr().expect("addr");
-    drop(free);
+    let admin = free_addr();
     let p = proxy::start_with(proxy::instances_for(&[&m]), serde_json::json!({"admin_listen": admin.to_string()}));
     assert_eq!(call(admin, "GET", "/healthz", &[], b"").status, 200);
     assert!(TcpListener::bind(admin).is_err(), "the admin port is taken while the server runs");

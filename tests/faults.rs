@@ -14,10 +14,10 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use crate::support::client::{call, find, Client, Resp};
-use crate::support::eventually;
 use crate::support::mock::{azure_like, serving as ok_mock, MockAzure, Recorded, Reply};
 use crate::support::process::{write_config, Running};
 use crate::support::proxy::{self, instance, Proxy, CHAT};
+use crate::support::{eventually, free_addr};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use serde_json::{json, Value};
@@ -46,12 +46,7 @@ fn failing_mock(status: u16) -> MockAzure {
 
 /// The URL of a port nobody listens on (bound, then released).
 fn refused_url() -> String {
-    format!("http://127.0.0.1:{}", free_port())
-}
-
-fn free_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr").port()
+    format!("http://{}", free_addr())
 }
 
 /// POST a chat completion with the client key and a chosen request ID (which reaches each instance as

@@ -8,10 +8,10 @@ use std::thread;
 use std::time::Duration;
 
 use crate::support::client::{call, Client};
-use crate::support::eventually;
 use crate::support::mock::{MockAzure, Recorded, Reply};
 use crate::support::process::{write_config, Running};
 use crate::support::proxy::{self, CHAT};
+use crate::support::{eventually, free_addr};
 use serde_json::json;
 
 /// A mock whose every request gets an SSE stream: the first event at once, the rest only when the test drops
@@ -74,7 +74,7 @@ fn when_every_worker_is_busy_a_request_gets_503_after_queue_timeout_not_after_a_
     let gates = Arc::new(Mutex::new(Vec::new()));
     let m = gated_streams(Arc::clone(&gates));
     // The admin endpoints on their own listener: /metrics must answer while every worker is busy.
-    let admin = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port");
+    let admin = free_addr();
     let p = proxy::start_with(
         proxy::instances_for(&[&m]),
         json!({"workers": 2, "idle_workers": 2, "queue_timeout_ms": 300, "admin_listen": admin.to_string()}),
@@ -143,7 +143,7 @@ fn idle_workers_exit_down_to_idle_workers_and_come_back_on_demand() {
 fn requests_turned_away_for_lack_of_a_worker_get_an_access_line() {
     let gates = Arc::new(Mutex::new(Vec::new()));
     let m = gated_streams(Arc::clone(&gates));
-    let admin = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port");
+    let admin = free_addr();
     let config = json!({
         "instances": [proxy::instance(&m.url(), "key0", "m0")],
         "client_keys": ["client-key"],

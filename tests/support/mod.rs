@@ -11,6 +11,13 @@ pub mod process;
 pub mod proxy;
 pub mod tls;
 
+/// A loopback address nobody listens on: bound to port 0, then released (for a listener the proxy opens, or a
+/// port that refuses connections).
+pub fn free_addr() -> std::net::SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port");
+    listener.local_addr().expect("its address")
+}
+
 /// How long `eventually` waits: generous, since it is reached only when something is wrong.
 pub const EVENTUALLY: Duration = Duration::from_secs(20);
 
