@@ -227,7 +227,7 @@ impl Front {
     }
 
     fn on_readable(&mut self, slot: usize) {
-        let limit = self.shared.state().config.max_head_bytes;
+        let state = self.shared.state();
         let Some(w) = self.waiting.fired(slot) else { return };
         let was_empty = w.conn.buf.is_empty();
         match w.conn.read_more() {
@@ -237,15 +237,14 @@ impl Front {
             Ok(_) => {
                 // TLS: rustls may hold more decrypted bytes than one read took; no readiness event would come
                 // for them.
-                while w.conn.buf.len() <= limit && w.conn.stream.has_buffered() {
+                while w.conn.buf.len() <= state.config.max_head_bytes && w.conn.stream.has_buffered() {
                     if !matches!(w.conn.read_more(), Ok(n) if n > 0) {
                         break;
                     }
                 }
                 if was_empty {
                     // The head deadline runs from its first byte; before that, the idle timeout applied.
-                    let deadline = Instant::now() + self.shared.state().config.head_timeout;
-                    self.waiting.set_deadline(slot, deadline);
+                    self.waiting.set_deadline(slot, Instant::now() + state.config.head_timeout);
                 }
                 self.try_dispatch(slot);
             }
